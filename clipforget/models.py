@@ -1,0 +1,156 @@
+"""Loading CLIP models through open_clip's own factory, with the checkpoint's sha256 carried along.
+
+The toy model is an ordinary open_clip config (`toy.json`) registered through `add_model_config`,
+so every code path that serves `ViT-B-32` serves the toy model too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TOY_ARCH = "toy"
+TOY_DIR = Path(__file__).parent / "toyworld"
+TOY_CONFIG = TOY_DIR / "toy.json"
+TOY_WEIGHTS = TOY_DIR / "weights" / "toy.safetensors"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or checkpoint could not be loaded; the message says why and what to do."""
+
+
+def register_toy_config() -> None:
+    import open_clip
+
+    if TOY_ARCH not in open_clip.list_models():
+        open_clip.add_model_config(TOY_CONFIG)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors state dict atomically (temp file + rename); returns its sha256."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def image_normalizer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Normalize float images [B,3,H,W] in [0,1] with the model's own preprocessing mean/std."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    mean = torch.tensor(cfg.get("mean", OPENAI_DATASET_MEAN)).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", OPENAI_DATASET_STD)).view(1, 3, 1, 1)
+    return lambda x: (x - mean.to(x.device)) / std.to(x.device)
+
+
+def image_size(model: torch.nn.Module) -> int:
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """cuda when present, unless the caller names a device."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model ready for inference, and where its weights came from."""
+
+    model: Any
+    tokenizer: Any
+    preprocess: Any
+    arch: str
+    checkpoint: str | None
+    sha256: str | None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_model(
+    arch: str,
+    checkpoint: str | Path | None = None,
+    pretrained: str | None = None,
+    device: str | None = None,
+) -> LoadedModel:
+    """Build `arch` with open_clip and load weights from a local checkpoint or a `pretrained` tag.
+
+    `arch="toy"` with no checkpoint loads the bundled toy weights. A local checkpoint is read as
+    safetensors, or as a torch state dict with `weights_only=True` (never unpickled objects).
+    """
+    import open_clip
+
+    register_toy_config()
+    if arch not in open_clip.list_models():
+        raise ModelLoadError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+    if checkpoint is not None and pretrained is not None:
+        raise ModelLoadError("give either a checkpoint file or a pretrained tag, not both")
+    if arch == TOY_ARCH and checkpoint is None and pretrained is None:
+        checkpoint = TOY_WEIGHTS
+        if not TOY_WEIGHTS.is_file():
+            raise ModelLoadError(f"the bundled toy weights are missing at {TOY_WEIGHTS}; run `clipforget toy train`")
+    if pretrained is not None:
+        checkpoint = _download_pretrained(arch, pretrained)
+
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    sha = None
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ModelLoadError(f"checkpoint not found: {path}")
+        sha = sha256_file(path)
+        try:
+            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        except Exception as e:  # a wrong file for this architecture, or a pickle that is not a plain state dict
+            raise ModelLoadError(f"cannot load {path.name} into {arch}: {type(e).__name__}: {str(e)[:500]}") from e
+    model.float().eval().to(pick_device(device))
+    tokenizer = open_clip.get_tokenizer(arch)
+    return LoadedModel(model, tokenizer, preprocess, arch, None if checkpoint is None else str(checkpoint), sha)
+
+
+def _download_pretrained(arch: str, tag: str) -> str:
+    import open_clip
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch, tag)
+    if not cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+        raise ModelLoadError(f"open_clip has no pretrained tag {tag!r} for {arch}; known tags: {tags}")
+    try:
+        return str(download_pretrained(cfg))
+    except Exception as e:
+        raise ModelLoadError(
+            f"could not download pretrained weights {arch}/{tag}: the model hub is unreachable from here "
+            f"({type(e).__name__}). Download the checkpoint where a hub is reachable and pass it as "
+            "--checkpoint PATH (safetensors or a torch state dict)."
+        ) from e
