@@ -7,14 +7,14 @@ so every code path that serves `ViT-B-32` serves the toy model too.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from clipforget.atomic import atomic_path
 
 TOY_ARCH = "toy"
 TOY_DIR = Path(__file__).parent / "toyworld"
@@ -45,18 +45,9 @@ def save_checkpoint(state: Mapping[str, torch.Tensor], path: str | Path, metadat
     """Write a safetensors state dict atomically (temp file + rename); returns its sha256."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return digest
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
+        return sha256_file(tmp)
 
 
 def image_normalizer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -3,19 +3,104 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Training- and data-free unlearning for CLIP.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Training- and data-free unlearning for CLIP.")
 toy_app = typer.Typer(no_args_is_help=True, help="The toy world: renderer and toy model.")
 app.add_typer(toy_app, name="toy")
+
+MODEL = typer.Option("toy", "--model", help="'toy' or an open_clip architecture name such as ViT-B-32.")
+CHECKPOINT = typer.Option(None, "--checkpoint", help="Local checkpoint: safetensors or a torch state dict.")
+PRETRAINED = typer.Option(None, "--pretrained", help="open_clip pretrained tag (downloads from the model hub).")
+GRID = typer.Option(None, "--grid", help="toy, pacs, domainnet or a grid JSON file (default: toy for the toy "
+                    "model, else the folder given by --data).")
+DEVICE = typer.Option(None, "--device", help="torch device; default cuda when present, else cpu.")
+K = typer.Option(8, "--prototypes-per-cell", help="Synthesized prototypes per cell.")
+STEPS = typer.Option(300, "--steps", help="Synthesis steps (at most; images stop early at the target).")
+TARGET = typer.Option(None, "--target-cosine", help="Early-stop cosine (default 0.77 for the toy model, 0.30 else).")
+SEED = typer.Option(0, "--seed", help="Seed of prototype synthesis.")
+HELDOUT = typer.Option(4, "--heldout-per-cell", help="Held-out prototypes per cell for data-free evaluation.")
+
+
+class UserError(Exception):
+    """Bad input: reported on one line, exit code 2."""
+
+
+def _fail(e: BaseException) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+def _synthesis(model: str, k: int, steps: int, target: float | None, seed: int) -> Any:
+    from clipforget.synthesis import SynthesisConfig
+
+    if target is None:
+        target = 0.77 if model == "toy" else 0.30  # matched image-text cosines differ by model family
+    return SynthesisConfig(prototypes_per_cell=k, steps=steps, target_cosine=target, seed=seed)
+
+
+def _load(model: str, checkpoint: Path | None, pretrained: str | None, device: str | None) -> Any:
+    from clipforget.models import load_model
+
+    return load_model(model, checkpoint, pretrained, device)
+
+
+def _grid(spec: str | None, model: str, data: Path | None) -> Any:
+    from clipforget.data import grid_of_folder
+    from clipforget.grid import resolve_grid
+
+    if spec is not None:
+        return resolve_grid(spec)
+    if model == "toy":
+        return resolve_grid("toy")
+    if data is not None:
+        return grid_of_folder(data)
+    raise UserError("give --grid (pacs, domainnet or a JSON file) or --data for a model other than toy")
+
+
+def _progress(every: int = 50):
+    def show(p: dict) -> None:
+        if p["step"] % every == 0 or p["step"] == p["steps"]:
+            typer.echo(f"prototypes {p['offset'] + p['images']}/{p['total']}: step {p['step']}/{p['steps']} "
+                       f"active {p['active']} mean cosine {p['mean_cosine']:.3f}", err=True)
+    return show
+
+
+def _user_errors():
+    from clipforget.models import ModelLoadError
+
+    return (UserError, ModelLoadError, ValueError, FileNotFoundError)
+
+
+@toy_app.command("render")
+def toy_render(
+    out: Path = typer.Option(..., "--out", help="Folder to write <domain>/<class>/<i>.png into."),
+    per_cell: int = typer.Option(50, "--per-cell"),
+    seed: int = typer.Option(..., "--seed", help="Render seed; the toy model was trained on seed 0."),
+) -> None:
+    """Render labelled toy-world images in the PACS/DomainNet folder layout."""
+    from clipforget.data import write_image
+    from clipforget.grid import Cell
+    from clipforget.toyworld.render import CLASSES, DOMAINS, render_image
+
+    if per_cell < 1:
+        _fail(ValueError("--per-cell must be at least 1"))
+    for d in DOMAINS:
+        for c in CLASSES:
+            for i in range(per_cell):
+                write_image(out, Cell(c, d), i, render_image(c, d, seed, i))
+    typer.echo(f"wrote {per_cell * len(CLASSES) * len(DOMAINS)} images to {out}")
 
 
 @toy_app.command("train")
 def toy_train(
     out: Path = typer.Option(Path("clipforget/toyworld/weights/toy.safetensors"), help="Where to write the weights."),
-    steps: int = typer.Option(1100),
+    steps: int = typer.Option(1200),
     batch_size: int = typer.Option(256),
     per_cell: int = typer.Option(1500, help="Pre-rendered training images per (class, domain) cell."),
     seed: int = typer.Option(0),
@@ -26,3 +111,98 @@ def toy_train(
     summary = train_toy_model(out, TrainConfig(steps=steps, batch_size=batch_size, per_cell=per_cell, seed=seed),
                               progress=typer.echo)
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("eval")
+def eval_cmd(
+    json_out: Path = typer.Option(..., "--json", help="Where to write the report."),
+    model: str = MODEL,
+    checkpoint: Path = CHECKPOINT,
+    pretrained: str = PRETRAINED,
+    data: Path = typer.Option(None, "--data", help="Labelled folder <domain>/<class>/*.png|jpg; without it, "
+                              "data-free evaluation on held-out prototypes."),
+    grid: str = GRID,
+    prototypes_per_cell: int = HELDOUT,
+    steps: int = STEPS,
+    target_cosine: float = TARGET,
+    seed: int = SEED,
+    device: str = DEVICE,
+) -> None:
+    """Zero-shot accuracy per (class, domain) cell."""
+    from clipforget.atomic import write_json
+    from clipforget.evaluate import LabelledImages, ZeroShotClassifier, image_features
+    from clipforget.forget import heldout_images
+
+    try:
+        g = _grid(grid, model, data)
+        loaded = _load(model, checkpoint, pretrained, device)
+        if data is not None:
+            images = LabelledImages.from_folder(data, loaded.preprocess, g)
+        else:
+            cfg = _synthesis(model, prototypes_per_cell, steps, target_cosine, seed)
+            images = heldout_images(loaded, g, cfg, prototypes_per_cell, progress=_progress())
+    except _user_errors() as e:
+        _fail(e)
+    report = ZeroShotClassifier(loaded.model, loaded.tokenizer, g).evaluate(
+        image_features(loaded.model, images.pixels), images.cells).to_dict()
+    report.update({"model": model, "checkpoint": str(checkpoint) if checkpoint else loaded.checkpoint,
+                   "sha256": loaded.sha256, "grid": g.name,
+                   "data": str(data) if data else f"held-out prototypes ({prototypes_per_cell}/cell)"})
+    write_json(json_out, report)
+    typer.echo(f"accuracy {report['accuracy']:.4f} over {len(images.cells)} images in {len(report['cells'])} cells")
+
+
+@app.command("forget")
+def forget_cmd(
+    out: Path = typer.Option(..., "--out", help="Where to write the unlearned checkpoint (.safetensors)."),
+    json_out: Path = typer.Option(..., "--json", help="Where to write the report."),
+    mode: str = typer.Option(..., "--mode", help="global, domain or domain_complete."),
+    classes: str = typer.Option("", "--classes", help="Comma-separated classes to forget."),
+    domains: str = typer.Option("", "--domains", help="Comma-separated domains."),
+    model: str = MODEL,
+    checkpoint: Path = CHECKPOINT,
+    pretrained: str = PRETRAINED,
+    grid: str = GRID,
+    data: Path = typer.Option(None, "--data", help="Labelled folder to measure before/after on; without it, "
+                              "held-out prototypes."),
+    prototypes_per_cell: int = K,
+    steps: int = STEPS,
+    target_cosine: float = TARGET,
+    seed: int = SEED,
+    heldout_per_cell: int = HELDOUT,
+    kind: str = typer.Option(None, "--projection", help="soft or hard (default per mode)."),
+    source: str = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode)."),
+    device: str = DEVICE,
+) -> None:
+    """Run the core method without orchestration: write the unlearned checkpoint and a report."""
+    from clipforget.atomic import write_json
+    from clipforget.forget import run_forget
+    from clipforget.grid import forget_cells, parse_names
+    from clipforget.method import default_config
+
+    cls_list, dom_list = parse_names(classes), parse_names(domains)
+    try:
+        if out.suffix != ".safetensors":
+            raise UserError(f"--out must end in .safetensors, got {out.name}")
+        g = _grid(grid, model, data)
+        forget_cells(g, mode, cls_list, dom_list)  # a bad request fails before the model loads
+        ns = default_config(mode, kind=kind, source=source)
+        loaded = _load(model, checkpoint, pretrained, device)
+        result = run_forget(loaded, g, mode, cls_list, dom_list,
+                            _synthesis(model, prototypes_per_cell, steps, target_cosine, seed), ns, out, data,
+                            heldout_per_cell, progress=_progress())
+    except _user_errors() as e:
+        _fail(e)
+    write_json(json_out, result.report)
+    m = result.report["metrics"]
+    typer.echo(f"forget accuracy {m['forget_before']:.3f} -> {m['forget_after']:.3f}; retain accuracy "
+               f"{m['retain_before']:.3f} -> {m['retain_after']:.3f} (max cell drop {m['retain_max_cell_drop']:.3f})")
+    typer.echo(f"wrote {out} and {json_out}")
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="clipforget")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

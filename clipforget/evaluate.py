@@ -1,0 +1,120 @@
+"""Zero-shot evaluation per (class, domain) cell (DESIGN.md step 6).
+
+A class is predicted from domain-ensembled prompts (one classifier row per class: the mean of its
+prompts in every domain of the grid). Accuracy is measured on a labelled folder, or on images kept in
+memory (rendered toy images, held-out prototypes for data-free validation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipforget.data import list_labelled_images
+from clipforget.grid import Cell, Grid
+from clipforget.prompts import TemplateSet, class_text_embeddings
+
+
+@dataclass
+class LabelledImages:
+    """Preprocessed pixels [N, 3, H, W] and the cell of each image."""
+
+    pixels: torch.Tensor
+    cells: list[Cell]
+
+    @classmethod
+    def from_folder(cls, root: str | Path, preprocess: Callable, grid: Grid | None = None) -> LabelledImages:
+        from PIL import Image
+
+        items = list_labelled_images(root, grid)
+        pixels = []
+        for path, _ in items:
+            with Image.open(path) as im:
+                pixels.append(preprocess(im.convert("RGB")))
+        return cls(torch.stack(pixels), [c for _, c in items])
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray | torch.Tensor, cells: Sequence[Cell], preprocess: Callable) -> LabelledImages:
+        """uint8 [N, H, W, 3] images through the model's own preprocessing, as a folder would be."""
+        from PIL import Image
+
+        arr = images.numpy() if isinstance(images, torch.Tensor) else images
+        return cls(torch.stack([preprocess(Image.fromarray(a)) for a in arr]), [Cell(*c) for c in cells])
+
+
+@torch.no_grad()
+def image_features(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Unnormalized image features [N, d] in float32 (the space the projection acts on)."""
+    device = next(model.parameters()).device
+    out = [model.encode_image(pixels[i : i + batch_size].to(device)).float().cpu()
+           for i in range(0, len(pixels), batch_size)]
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class CellScore:
+    cls: str
+    domain: str
+    accuracy: float
+    n: int
+
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.cls, self.domain)
+
+    def to_dict(self) -> dict:
+        return {"class": self.cls, "domain": self.domain, "accuracy": self.accuracy, "n": self.n}
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    accuracy: float
+    cells: list[CellScore]
+
+    def by_cell(self) -> dict[Cell, CellScore]:
+        return {s.cell: s for s in self.cells}
+
+    def mean_over(self, cells: Iterable[Cell]) -> float:
+        """Unweighted mean of per-cell accuracy over the given cells that were measured."""
+        by = self.by_cell()
+        vals = [by[c].accuracy for c in cells if c in by]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "cells": [s.to_dict() for s in self.cells]}
+
+
+def zero_shot_scores(features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """Cosine scores [N, n_classes] of (unnormalized) image features against classifier rows."""
+    return F.normalize(features.float(), dim=-1) @ classifier.float().T
+
+
+def score_cells(predicted: Sequence[str], cells: Sequence[Cell]) -> EvalReport:
+    """Per-cell accuracy of predicted class names against each image's cell, in first-seen cell order."""
+    hits: dict[Cell, list[int]] = {}
+    for p, c in zip(predicted, cells, strict=True):
+        hits.setdefault(Cell(*c), []).append(int(p == c[0]))
+    scores = [CellScore(c.cls, c.domain, float(np.mean(h)), len(h)) for c, h in hits.items()]
+    total = sum(sum(h) for h in hits.values()) / max(1, len(cells))
+    return EvalReport(float(total), scores)
+
+
+class ZeroShotClassifier:
+    """Class rows from domain-ensembled prompts; predicts among the grid's classes."""
+
+    def __init__(self, model, tokenizer, grid: Grid, templates: TemplateSet | None = None) -> None:
+        self.classes = list(grid.classes)
+        device = next(model.parameters()).device
+        self.weights = class_text_embeddings(model, tokenizer, templates or TemplateSet(), grid.classes,
+                                             grid.domains, device).cpu()
+
+    def predict(self, features: torch.Tensor) -> list[str]:
+        return [self.classes[i] for i in zero_shot_scores(features, self.weights).argmax(-1).tolist()]
+
+    def evaluate(self, features: torch.Tensor, cells: Sequence[Cell]) -> EvalReport:
+        return score_cells(self.predict(features), cells)

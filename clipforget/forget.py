@@ -1,0 +1,173 @@
+"""One forget request run by the core alone (what `clipforget forget` does): load, build the
+projection from text embeddings and prototypes, fold it into a copy of the model, save, and measure
+per-cell accuracy before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from clipforget.evaluate import EvalReport, LabelledImages, ZeroShotClassifier, image_features
+from clipforget.fold import fold_projection
+from clipforget.grid import Cell, Grid, forget_cells, retain_cells
+from clipforget.method import NullspaceConfig, cell_text_embeddings, fit_projection, text_targets
+from clipforget.models import LoadedModel, save_checkpoint
+from clipforget.nullspace import Projection
+from clipforget.prompts import TemplateSet
+from clipforget.synthesis import Prototypes, SynthesisConfig, synthesize
+
+HELDOUT_SEED_OFFSET = 1_000_003  # held-out prototypes never share a seed with the forget set's
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Accuracy before/after over forget and retain cells, and the cell that suffered most."""
+
+    forget_before: float
+    forget_after: float
+    forget_max_after: float
+    retain_before: float
+    retain_after: float
+    retain_drop: float
+    retain_max_cell_drop: float
+    worst_retain_cell: str
+
+    @classmethod
+    def measure(cls, before: EvalReport, after: EvalReport, forget: Sequence[Cell]) -> Outcome:
+        fb, fa = before.by_cell(), after.by_cell()
+        gone = set(forget)
+        f_cells = [c for c in fa if c in gone]
+        r_cells = [c for c in fa if c not in gone]
+        drops = {c: fb[c].accuracy - fa[c].accuracy for c in r_cells}
+        worst = max(drops, key=lambda c: drops[c]) if drops else None
+        return cls(
+            forget_before=before.mean_over(f_cells),
+            forget_after=after.mean_over(f_cells),
+            forget_max_after=max((fa[c].accuracy for c in f_cells), default=float("nan")),
+            retain_before=before.mean_over(r_cells),
+            retain_after=after.mean_over(r_cells),
+            retain_drop=before.mean_over(r_cells) - after.mean_over(r_cells),
+            retain_max_cell_drop=drops[worst] if worst else 0.0,
+            worst_retain_cell=str(worst) if worst else "",
+        )
+
+
+def cell_table(before: EvalReport, after: EvalReport, forget: Sequence[Cell]) -> list[dict]:
+    gone, fa = set(forget), after.by_cell()
+    return [
+        {"class": s.cls, "domain": s.domain, "role": "forget" if s.cell in gone else "retain",
+         "before": s.accuracy, "after": fa[s.cell].accuracy, "n": s.n}
+        for s in before.cells
+    ]
+
+
+@dataclass
+class ForgetResult:
+    model: torch.nn.Module  # the unlearned model (a copy; the input model is unchanged)
+    projection: Projection
+    forget: list[Cell]
+    retain: list[Cell]
+    prototypes: Prototypes
+    report: dict
+
+
+def unlearn_model(
+    loaded: LoadedModel,
+    grid: Grid,
+    mode: str,
+    classes: Sequence[str],
+    domains: Sequence[str],
+    synthesis: SynthesisConfig,
+    nullspace: NullspaceConfig,
+    templates: TemplateSet | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> tuple[torch.nn.Module, Projection, list[Cell], list[Cell], Prototypes, dict[str, float]]:
+    """Build the projection for a request and fold it into a copy of the model."""
+    templates = templates or TemplateSet()
+    forget = forget_cells(grid, mode, classes, domains)
+    retain = retain_cells(grid, forget)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates, grid.cells)
+    timings["text_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    protos = synthesize(loaded.model, text_targets(text, grid.cells), grid.cells, synthesis, progress)
+    timings["prototypes_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    projection = fit_projection(forget, retain, text, protos, nullspace)
+    timings["nullspace_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    unlearned = copy.deepcopy(loaded.model)
+    fold_projection(unlearned, projection.P)
+    timings["fold_s"] = time.perf_counter() - t
+    return unlearned, projection, forget, retain, protos, timings
+
+
+def heldout_images(loaded: LoadedModel, grid: Grid, synthesis: SynthesisConfig, per_cell: int,
+                   templates: TemplateSet | None = None, progress: Callable[[dict], None] | None = None) -> LabelledImages:
+    """Fresh prototypes (another seed) as images, for data-free validation."""
+    text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates or TemplateSet(), grid.cells)
+    cfg = replace(synthesis, seed=synthesis.seed + HELDOUT_SEED_OFFSET, prototypes_per_cell=per_cell)
+    protos = synthesize(loaded.model, text_targets(text, grid.cells), grid.cells, cfg, progress, return_images=True)
+    assert protos.images is not None
+    return LabelledImages.from_arrays(protos.images, protos.cells, loaded.preprocess)
+
+
+def run_forget(
+    loaded: LoadedModel,
+    grid: Grid,
+    mode: str,
+    classes: Sequence[str],
+    domains: Sequence[str],
+    synthesis: SynthesisConfig,
+    nullspace: NullspaceConfig,
+    out: str | Path,
+    data: str | Path | None = None,
+    heldout_per_cell: int = 4,
+    templates: TemplateSet | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> ForgetResult:
+    """The whole core method for one request; writes the unlearned checkpoint to `out`."""
+    t0 = time.perf_counter()
+    # fail on a bad request or a bad data folder before any costly work
+    forget_cells(grid, mode, classes, domains)
+    if data is not None:
+        evalset = LabelledImages.from_folder(data, loaded.preprocess, grid)
+    unlearned, projection, forget, retain, protos, timings = unlearn_model(
+        loaded, grid, mode, classes, domains, synthesis, nullspace, templates, progress)
+    if data is None:
+        evalset = heldout_images(loaded, grid, synthesis, heldout_per_cell, templates, progress)
+    t = time.perf_counter()
+    classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
+    before = classifier.evaluate(image_features(loaded.model, evalset.pixels), evalset.cells)
+    after = classifier.evaluate(image_features(unlearned, evalset.pixels), evalset.cells)
+    timings["evaluate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    digest = save_checkpoint(unlearned.state_dict(), out, metadata={
+        "clipforget.base_sha256": loaded.sha256 or "", "clipforget.arch": loaded.arch,
+        "clipforget.mode": mode, "clipforget.forget_cells": ",".join(map(str, forget))})
+    timings["save_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+    report = {
+        "model": {"arch": loaded.arch, "checkpoint": loaded.checkpoint, "sha256": loaded.sha256},
+        "output": {"path": str(out), "sha256": digest},
+        "request": {"grid": grid.name, "mode": mode, "classes": list(classes), "domains": list(domains)},
+        "forget_cells": [str(c) for c in forget],
+        "settings": {"synthesis": asdict(synthesis), "nullspace": nullspace.to_dict()},
+        "projection": projection.summary(),
+        "prototypes": protos.summary(),
+        "evaluation": {"data": str(data) if data is not None else f"held-out prototypes ({heldout_per_cell}/cell)",
+                       "images": len(evalset.cells)},
+        "metrics": asdict(Outcome.measure(before, after, forget)),
+        "cells": cell_table(before, after, forget),
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    return ForgetResult(unlearned, projection, forget, retain, protos, report)

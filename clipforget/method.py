@@ -1,0 +1,127 @@
+"""The unlearning method end to end, without orchestration: cells → text embeddings and prototypes →
+forget/retain sets → projection. Folding and evaluation live in `fold` and `evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+import torch
+
+from clipforget.grid import Cell
+from clipforget.nullspace import Projection, hard_projection, soft_projection
+from clipforget.prompts import TemplateSet, encode_prompts
+from clipforget.synthesis import Prototypes
+
+Source = Literal["text", "prototypes", "multimodal"]
+SOURCES: tuple[str, ...] = ("text", "prototypes", "multimodal")
+
+
+@dataclass(frozen=True)
+class NullspaceConfig:
+    """How the projection is built. `same_class_weight` up-weights retain cells that share a class
+    with a forget cell (the same class in kept domains, in `domain` mode)."""
+
+    kind: Literal["soft", "hard"] = "hard"
+    source: Source = "multimodal"
+    lam: float = 100.0
+    mu: float = 10.0
+    energy: float = 0.95
+    retain_energy: float = 0.9
+    same_class_weight: float = 1.0
+    text_weight: float = 1.0  # weight of text columns relative to prototype columns
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Defaults per mode, chosen on a validation render (seed 1) of the toy world, never on test images;
+# `python -m bench.results --tune` reproduces the choice (docs/RESULTS.md).
+MODE_DEFAULTS: dict[str, NullspaceConfig] = {
+    "global": NullspaceConfig(kind="hard", source="multimodal", energy=0.95, retain_energy=0.9),
+    "domain": NullspaceConfig(kind="soft", source="prototypes", lam=100.0, mu=10.0, same_class_weight=5.0),
+    "domain_complete": NullspaceConfig(kind="soft", source="prototypes", lam=100.0, mu=10.0),
+}
+
+
+def default_config(mode: str, **overrides) -> NullspaceConfig:
+    return replace(MODE_DEFAULTS[mode], **{k: v for k, v in overrides.items() if v is not None})
+
+
+@torch.no_grad()
+def cell_text_embeddings(model, tokenizer, templates: TemplateSet, cells: Sequence[Cell]) -> dict[Cell, torch.Tensor]:
+    """Per cell: its normalized single-prompt embeddings and their normalized mean, [n_prompts + 1, d]."""
+    device = next(model.parameters()).device
+    out = {}
+    for cell in cells:
+        e = encode_prompts(model, tokenizer, templates.cell_prompts(cell.cls, cell.domain), device).cpu()
+        out[cell] = torch.cat([e, torch.nn.functional.normalize(e.mean(0, keepdim=True), dim=-1)])
+    return out
+
+
+def text_targets(text: dict[Cell, torch.Tensor], cells: Sequence[Cell]) -> torch.Tensor:
+    """The synthesis target of each cell: its mean prompt embedding."""
+    return torch.stack([text[c][-1] for c in cells])
+
+
+def _columns(cells: Sequence[Cell], text: dict[Cell, torch.Tensor], protos: Prototypes | None, source: str,
+             text_weight: float) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Cell]]:
+    cols, weights, owners = [], [], []
+    for cell in cells:
+        if source in ("text", "multimodal"):
+            t = text[cell]
+            cols.append(t), weights.append(torch.full((len(t),), text_weight)), owners.extend([cell] * len(t))
+        if source in ("prototypes", "multimodal"):
+            if protos is None:
+                raise ValueError(f"source {source!r} needs prototypes")
+            p = protos.for_cell(cell)
+            if len(p) == 0:
+                raise ValueError(f"no prototypes for cell {cell}")
+            cols.append(p), weights.append(torch.ones(len(p))), owners.extend([cell] * len(p))
+    return cols, weights, owners
+
+
+def forget_retain_sets(
+    forget: Sequence[Cell],
+    retain: Sequence[Cell],
+    text: dict[Cell, torch.Tensor],
+    protos: Prototypes | None,
+    config: NullspaceConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """F [d, n_f], forget weights, R [d, n_r], retain weights.
+
+    The retain set always uses both modalities that are available: what must survive is the image
+    side (prototypes) and its alignment with text.
+    """
+    if config.source not in SOURCES:
+        raise ValueError(f"unknown source {config.source!r}; expected one of {', '.join(SOURCES)}")
+    f_cols, f_w, _ = _columns(forget, text, protos, config.source, config.text_weight)
+    retain_source = "multimodal" if protos is not None else "text"
+    r_cols, r_w, owners = _columns(retain, text, protos, retain_source, config.text_weight)
+    forget_classes = {c.cls for c in forget}
+    boost = torch.tensor([config.same_class_weight if o.cls in forget_classes else 1.0 for o in owners])
+    d = next(iter(text.values())).shape[1]
+    R = torch.cat(r_cols).T if r_cols else torch.zeros(d, 0)
+    rw = torch.cat(r_w) * boost if r_w else torch.zeros(0)
+    return torch.cat(f_cols).T, torch.cat(f_w), R, rw
+
+
+def build_projection(F: torch.Tensor, fw: torch.Tensor, R: torch.Tensor, rw: torch.Tensor,
+                     config: NullspaceConfig) -> Projection:
+    if config.kind == "soft":
+        return soft_projection(F, R, lam=config.lam, mu=config.mu, forget_weights=fw, retain_weights=rw)
+    if config.kind == "hard":
+        return hard_projection(F, R, energy=config.energy, retain_energy=config.retain_energy,
+                               forget_weights=fw, retain_weights=rw)
+    raise ValueError(f"unknown projection kind {config.kind!r}; expected soft or hard")
+
+
+def fit_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: dict[Cell, torch.Tensor],
+                   protos: Prototypes | None, config: NullspaceConfig) -> Projection:
+    F, fw, R, rw = forget_retain_sets(forget, retain, text, protos, config)
+    return build_projection(F, fw, R, rw, config)
+
+
+ProgressFn = Callable[[dict], None]

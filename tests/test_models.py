@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipforget.models import ModelLoadError, load_model, save_checkpoint
+
+
+def test_unknown_architecture():
+    with pytest.raises(ModelLoadError, match="unknown open_clip architecture"):
+        load_model("ViT-Z-99")
+
+
+def test_missing_and_wrong_checkpoints(tmp_path):
+    with pytest.raises(ModelLoadError, match="checkpoint not found"):
+        load_model("toy", checkpoint=tmp_path / "nope.safetensors")
+    wrong = tmp_path / "wrong.safetensors"
+    save_checkpoint({"visual.proj": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(ModelLoadError, match="cannot load wrong.safetensors into toy"):
+        load_model("toy", checkpoint=wrong)
+
+
+class Payload:
+    """Unpickling this would create a marker file: proof that the loader never unpickles objects."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    evil, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    torch.save({"state_dict": {"x": Payload(marker)}}, evil)
+    with pytest.raises(ModelLoadError, match="cannot load evil.pt"):
+        load_model("toy", checkpoint=evil)
+    assert not marker.exists()
+
+
+def test_unknown_pretrained_tag():
+    with pytest.raises(ModelLoadError, match="no pretrained tag 'nonsense'"):
+        load_model("ViT-B-32", pretrained="nonsense")
+
+
+def test_pretrained_download_fails_clearly_without_a_hub(monkeypatch):
+    # no model hub is reachable from CI; where one is, this would download, so force offline mode
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="could not download pretrained weights RN50/openai"):
+        load_model("RN50", pretrained="openai")
