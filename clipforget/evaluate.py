@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ class LabelledImages:
 
 
 @torch.no_grad()
-def image_features(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def image_features(model: Any, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Unnormalized image features [N, d] in float32 (the space the projection acts on)."""
     device = next(model.parameters()).device
     out = [model.encode_image(pixels[i : i + batch_size].to(device)).float().cpu()

@@ -72,14 +72,18 @@ def _columns(cells: Sequence[Cell], text: dict[Cell, torch.Tensor], protos: Prot
     for cell in cells:
         if source in ("text", "multimodal"):
             t = text[cell]
-            cols.append(t), weights.append(torch.full((len(t),), text_weight)), owners.extend([cell] * len(t))
+            cols.append(t)
+            weights.append(torch.full((len(t),), text_weight))
+            owners += [cell] * len(t)
         if source in ("prototypes", "multimodal"):
             if protos is None:
                 raise ValueError(f"source {source!r} needs prototypes")
             p = protos.for_cell(cell)
             if len(p) == 0:
                 raise ValueError(f"no prototypes for cell {cell}")
-            cols.append(p), weights.append(torch.ones(len(p))), owners.extend([cell] * len(p))
+            cols.append(p)
+            weights.append(torch.ones(len(p)))
+            owners += [cell] * len(p)
     return cols, weights, owners
 
 

@@ -60,7 +60,7 @@ def image_normalizer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.T
     return lambda x: (x - mean.to(x.device)) / std.to(x.device)
 
 
-def image_size(model: torch.nn.Module) -> int:
+def image_size(model: Any) -> int:
     size = model.visual.image_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,7 +26,9 @@ DOMAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "quickdraw": ("a quickdraw of a {}.", "a quick doodle of a {}.", "a hand-drawn doodle of a {}."),
 }
 CLASS_TEMPLATES: tuple[str, ...] = ("a {}.", "a picture of a {}.")
-GENERIC_DOMAIN_TEMPLATES: tuple[str, ...] = ("a {domain} of a {{}}.", "a {domain} image of a {{}}.", "a {{}} in {domain} style.")
+GENERIC_DOMAIN_TEMPLATES: tuple[str, ...] = (
+    "a {domain} of a {{}}.", "a {domain} image of a {{}}.", "a {{}} in {domain} style.",
+)
 
 
 class TemplateSet:
@@ -68,7 +71,9 @@ class TemplateSet:
 
 
 @torch.no_grad()
-def encode_prompts(model: torch.nn.Module, tokenizer, prompts: Sequence[str], device: str | torch.device = "cpu") -> torch.Tensor:
+def encode_prompts(
+    model: Any, tokenizer: Any, prompts: Sequence[str], device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """Normalized text embeddings [n, d] in float32."""
     tokens = tokenizer(list(prompts)).to(device)
     return torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)

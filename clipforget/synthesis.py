@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ class SynthesisConfig:
     low_res: int = 16
     check_every: int = 10
     batch_size: int = 512  # images optimized at once; larger batches are split
+    bf16: bool = True  # bf16 autocast for the optimization steps (2-3x faster on CPUs, native on GPUs)
 
 
 @dataclass
@@ -99,7 +101,7 @@ def _augment(x: torch.Tensor, p: torch.Tensor, noise: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def _encode(model: torch.nn.Module, x: torch.Tensor, normalize: Callable) -> torch.Tensor:
+def _encode(model: Any, x: torch.Tensor, normalize: Callable) -> torch.Tensor:
     return F.normalize(model.encode_image(normalize(x)).float(), dim=-1)
 
 
@@ -127,7 +129,10 @@ def synthesize(
     for start in range(0, len(rows), config.batch_size):
         chunk = rows[start : start + config.batch_size]
         e, c, s, im = _synthesize_chunk(model, targets, chunk, config, progress, start, len(rows))
-        embs.append(e), coss.append(c), used.append(s), imgs.append(im)
+        embs.append(e)
+        coss.append(c)
+        used.append(s)
+        imgs.append(im)
     return Prototypes(
         embeddings=torch.cat(embs),
         cells=[r[0] for r in rows],
@@ -174,7 +179,9 @@ def _synthesize_chunk(model, targets, rows, config: SynthesisConfig, progress, o
             # each image's own noise pattern, moved every step: independent of the batch's other images
             noise = noise_bank[idx].roll(shifts=(7 * step % size, 13 * step % size), dims=(2, 3))
             xa = _augment(x, aug[idx, step].to(device), noise)
-            emb = F.normalize(model.encode_image(normalize(xa)).float(), dim=-1)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                feats = model.encode_image(normalize(xa))
+            emb = F.normalize(feats.float(), dim=-1)
             loss = -(emb * tgt[idx]).sum(-1).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()

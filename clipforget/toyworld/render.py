@@ -197,7 +197,8 @@ def _painting(rng: np.random.Generator, name: str) -> np.ndarray:
 
 def _cartoon(rng: np.random.Generator, name: str) -> np.ndarray:
     d = _sdf_image(name, _pose(rng, name))
-    bg = np.broadcast_to(_hsv(rng.random(), rng.uniform(0.1, 0.35), rng.uniform(0.85, 1.0)), (IMAGE_SIZE, IMAGE_SIZE, 3))
+    paper = _hsv(rng.random(), rng.uniform(0.1, 0.35), rng.uniform(0.85, 1.0))
+    bg = np.broadcast_to(paper, (IMAGE_SIZE, IMAGE_SIZE, 3))
     fill = _hsv(rng.random(), rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0))
     width = rng.uniform(1.6, 2.8) * _PIXEL
     a = _coverage(d)

@@ -57,10 +57,13 @@ def training_prompts(templates: TemplateSet) -> tuple[list[str], torch.Tensor, t
     prompts, pc, pd = [], [], []
     for ci, c in enumerate(CLASSES):
         for di, d in enumerate(DOMAINS):
-            for p in templates.cell_prompts(c, d):
-                prompts.append(p), pc.append(ci), pd.append(di)
-        for t in templates.class_templates:
-            prompts.append(t.format(c)), pc.append(ci), pd.append(-1)
+            cell = templates.cell_prompts(c, d)
+            prompts += cell
+            pc += [ci] * len(cell)
+            pd += [di] * len(cell)
+        prompts += [t.format(c) for t in templates.class_templates]
+        pc += [ci] * len(templates.class_templates)
+        pd += [-1] * len(templates.class_templates)
     return prompts, torch.tensor(pc), torch.tensor(pd)
 
 

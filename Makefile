@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make demo` (install + the main job on the toy model) and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+
+.PHONY: install demo test lint results
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/clipforget forget --model toy --mode global --classes star \
+		--out runs/toy-forget-star.safetensors --json runs/toy-forget-star.json
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: install lint
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+results: install
+	$(VENV)/bin/python bench/results.py --json runs/results.json --markdown docs/RESULTS.md

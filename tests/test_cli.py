@@ -1,0 +1,95 @@
+"""The console commands other tools rely on: names, options and report fields."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from typer.testing import CliRunner
+
+from clipforget.models import load_model, sha256_file
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("render") / "toy"
+    r = invoke("toy", "render", "--out", out, "--per-cell", 3, "--seed", 11)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("clipforget")
+    assert exe, "the clipforget console script is not on PATH"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("eval", "forget", "toy"):
+        assert cmd in out
+
+
+def test_render_writes_the_pacs_layout(data):
+    files = sorted(data.glob("*/*/*.png"))
+    assert len(files) == 3 * 40
+    assert (data / "sketch" / "house" / "2.png").is_file()
+
+
+def test_eval_report(data, tmp_path):
+    out = tmp_path / "eval.json"
+    r = invoke("eval", "--model", "toy", "--data", data, "--json", out)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    assert 0.0 <= rep["accuracy"] <= 1.0 and rep["accuracy"] > 0.5
+    assert len(rep["cells"]) == 40
+    assert {"class", "domain", "accuracy", "n"} <= set(rep["cells"][0]) and rep["cells"][0]["n"] == 3
+    assert rep["sha256"] == sha256_file(load_model("toy").checkpoint)
+
+
+def test_forget_writes_a_loadable_checkpoint_and_a_report(data, tmp_path):
+    ckpt, rep_path = tmp_path / "forgot.safetensors", tmp_path / "forget.json"
+    r = invoke("forget", "--model", "toy", "--mode", "global", "--classes", "star", "--data", data,
+               "--prototypes-per-cell", 2, "--steps", 30, "--seed", 1, "--out", ckpt, "--json", rep_path)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(rep_path.read_text())
+    assert rep["output"]["sha256"] == sha256_file(ckpt)
+    assert rep["forget_cells"] == ["star/photo", "star/painting", "star/cartoon", "star/sketch"]
+    assert rep["settings"]["synthesis"]["prototypes_per_cell"] == 2 and rep["settings"]["synthesis"]["steps"] == 30
+    assert rep["settings"]["nullspace"]["kind"] in ("soft", "hard")
+    for key in ("forget_before", "forget_after", "retain_before", "retain_after", "retain_drop"):
+        assert key in rep["metrics"]
+    assert {"prototypes_s", "nullspace_s", "fold_s", "total_s"} <= set(rep["timings"])
+    roles = {c["role"] for c in rep["cells"]}
+    assert roles == {"forget", "retain"} and len(rep["cells"]) == 40
+    # the unlearned checkpoint is an ordinary toy checkpoint, evaluable by the same command
+    ev = tmp_path / "after.json"
+    assert invoke("eval", "--model", "toy", "--checkpoint", ckpt, "--data", data, "--json", ev).exit_code == 0
+    after = {(c["class"], c["domain"]): c["accuracy"] for c in json.loads(ev.read_text())["cells"]}
+    assert after == {(c["class"], c["domain"]): c["after"] for c in rep["cells"]}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode", "global", "--classes", "dragon"], "unknown class 'dragon'"),
+    (["--mode", "domain", "--classes", "star"], "give both classes and domains"),
+    (["--mode", "global", "--classes", "star", "--grid", "nowhere"], "unknown grid"),
+])
+def test_bad_requests_fail_clearly_and_write_nothing(tmp_path, args, message):
+    ckpt, rep = tmp_path / "o.safetensors", tmp_path / "o.json"
+    r = runner.invoke(app, ["forget", "--model", "toy", *args, "--out", str(ckpt), "--json", str(rep)])
+    assert r.exit_code == 2
+    assert message in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_free_eval(tmp_path):
+    out = tmp_path / "e.json"
+    r = invoke("eval", "--model", "toy", "--prototypes-per-cell", 1, "--steps", 20, "--json", out)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    assert rep["data"].startswith("held-out prototypes") and len(rep["cells"]) == 40
