@@ -127,12 +127,16 @@ def eval_cmd(
     target_cosine: float = TARGET,
     seed: int = SEED,
     device: str = DEVICE,
+    model_uri: str = typer.Option(None, "--model-uri", help="A registered model, e.g. models:/NAME@champion "
+                                  "(MLflow pyfunc; needs --data)."),
 ) -> None:
     """Zero-shot accuracy per (class, domain) cell."""
     from clipforget.atomic import write_json
     from clipforget.evaluate import LabelledImages, ZeroShotClassifier, image_features
     from clipforget.forget import heldout_images
 
+    if model_uri is not None:
+        return _eval_registered(model_uri, data, json_out)
     try:
         g = _grid(grid, model, data)
         loaded = _load(model, checkpoint, pretrained, device)
@@ -198,6 +202,151 @@ def forget_cmd(
     typer.echo(f"forget accuracy {m['forget_before']:.3f} -> {m['forget_after']:.3f}; retain accuracy "
                f"{m['retain_before']:.3f} -> {m['retain_after']:.3f} (max cell drop {m['retain_max_cell_drop']:.3f})")
     typer.echo(f"wrote {out} and {json_out}")
+
+
+def _eval_registered(model_uri: str, data: Path | None, json_out: Path) -> None:
+    from clipforget import registry
+    from clipforget.atomic import write_json
+    from clipforget.evaluate import score_cells
+
+    try:
+        if data is None:
+            raise UserError("--model-uri needs --data: a registered model is evaluated on labelled images")
+        labels, cells = registry.classify_folder(registry.load_pyfunc(model_uri), data)
+    except _user_errors() as e:
+        _fail(e)
+    except Exception as e:  # the registry is unreachable, or no such model/alias
+        _fail(RuntimeError(f"cannot load {model_uri} from {registry.tracking_uri()}: {type(e).__name__}: {e}"))
+    report = score_cells(labels, cells).to_dict()
+    report.update({"model_uri": model_uri, "data": str(data)})
+    write_json(json_out, report)
+    typer.echo(f"accuracy {report['accuracy']:.4f} over {len(cells)} images in {len(report['cells'])} cells")
+
+
+@app.command("unlearn")
+def unlearn_cmd(
+    json_out: Path = typer.Option(..., "--json", help="Where to write the report."),
+    mode: str = typer.Option(..., "--mode", help="global, domain or domain_complete."),
+    classes: str = typer.Option("", "--classes", help="Comma-separated classes to forget."),
+    domains: str = typer.Option("", "--domains", help="Comma-separated domains."),
+    model: str = MODEL,
+    checkpoint: str = typer.Option(None, "--checkpoint", help="s3://bucket/key, file:// or a local path "
+                                   "(default for toy: the bundled weights)."),
+    checkpoint_sha256: str = typer.Option(None, "--checkpoint-sha256", help="Expected sha256 of the checkpoint "
+                                          "(default: the S3 object's sha256 metadata when present)."),
+    grid: str = GRID,
+    data: str = typer.Option(None, "--data", help="Labelled <domain>/<class>/ images: S3 prefix or folder; "
+                             "without it, data-free validation on held-out prototypes."),
+    max_forget_acc: float = typer.Option(None, "--max-forget-acc", help="Largest accuracy any forget cell may keep."),
+    max_retain_drop: float = typer.Option(None, "--max-retain-drop", help="Largest accuracy drop of any retain cell."),
+    mode_criteria: bool = typer.Option(True, "--mode-criteria/--no-mode-criteria",
+                                       help="Also apply the mode's acceptance criteria."),
+    registered_name: str = typer.Option(None, "--registered-name", help="MLflow model name (default clipforget-ARCH)."),
+    promote: bool = typer.Option(False, "--promote", help="Move the `champion` alias to the approved version."),
+    request_id: str = typer.Option(None, "--request-id", help="Idempotency key (default: a digest of the request)."),
+    requested_by: str = typer.Option(None, "--requested-by", help="Who asked (default: the login name)."),
+    prototypes_per_cell: int = K,
+    steps: int = STEPS,
+    target_cosine: float = TARGET,
+    seed: int = SEED,
+    heldout_per_cell: int = HELDOUT,
+    kind: str = typer.Option(None, "--projection", help="soft or hard (default per mode)."),
+    source: str = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode)."),
+) -> None:
+    """Run the Prefect pipeline: fetch, unlearn, validate, and register the model in MLflow if it passes."""
+    import pydantic
+
+    from clipforget.grid import forget_cells, parse_names
+    from clipforget.request import SynthesisSettings, Thresholds, UnlearnRequest
+
+    cls_list, dom_list = parse_names(classes), parse_names(domains)
+    try:
+        fields: dict[str, Any] = {
+            "mode": mode, "classes": cls_list, "domains": dom_list, "arch": model, "checkpoint_uri": checkpoint,
+            "checkpoint_sha256": checkpoint_sha256, "grid": grid, "data_uri": data, "projection": kind,
+            "source": source, "registered_name": registered_name, "promote": promote,
+            "thresholds": Thresholds(max_forget_acc=max_forget_acc, max_retain_drop=max_retain_drop,
+                                     mode_criteria=mode_criteria),
+            "synthesis": SynthesisSettings(prototypes_per_cell=prototypes_per_cell, steps=steps,
+                                           target_cosine=target_cosine, seed=seed, heldout_per_cell=heldout_per_cell)}
+        if request_id:
+            fields["request_id"] = request_id
+        if requested_by:
+            fields["requested_by"] = requested_by
+        request = UnlearnRequest(**fields)
+        if grid is not None or model == "toy":  # a bad request fails before Prefect starts
+            forget_cells(_grid(grid, model, None), mode, cls_list, dom_list)
+    except pydantic.ValidationError as e:
+        _fail(ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())))
+    except _user_errors() as e:
+        _fail(e)
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline by default; no telemetry
+    from flows.unlearn import unlearn
+
+    state = unlearn(request, str(json_out), return_state=True)
+    if not json_out.is_file():
+        typer.echo(f"error: the flow ended {state.type.value} before a report: {state.message}", err=True)
+        raise typer.Exit(1)
+    report = json.loads(json_out.read_text())
+    if "metrics" in report:
+        m = report["metrics"]
+        typer.echo(f"forget accuracy {m['forget_before']:.3f} -> {m['forget_after']:.3f}; retain accuracy "
+                   f"{m['retain_before']:.3f} -> {m['retain_after']:.3f} (max cell drop {m['retain_max_cell_drop']:.3f})")
+    reg = report.get("registered")
+    if report.get("passed") and reg:
+        aliases = ", ".join(reg.get("aliases") or []) or "none"
+        typer.echo(f"{'already registered' if report.get('reused') else 'approved: registered'} {reg['name']} "
+                   f"version {reg['version']} (aliases: {aliases}); request {report['request_id']}")
+        typer.echo(f"wrote {json_out}")
+        return
+    typer.echo(f"rejected, nothing registered: {report.get('rejected') or state.message}", err=True)
+    typer.echo(f"wrote {json_out}")
+    raise typer.Exit(1)
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Registered unlearned models (MLflow registry).")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(json_out: Path = typer.Option(None, "--json", help="Also write the listing as JSON.")) -> None:
+    """Registered models with their latest version and aliases."""
+    from clipforget import registry
+    from clipforget.atomic import write_json
+
+    rows = registry.list_models()
+    if json_out:
+        write_json(json_out, rows)
+    if not rows:
+        typer.echo(f"no registered models at {registry.tracking_uri()}")
+    for r in rows:
+        aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(r["aliases"].items())) or "no aliases"
+        typer.echo(f"{r['name']}: latest version {r['latest_version']} ({aliases})")
+
+
+@models_app.command("show")
+def models_show(
+    ref: str = typer.Argument(..., help="NAME, NAME@alias or NAME/version."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the details as JSON."),
+) -> None:
+    """Versions, aliases and tags (request id, mode, forgotten cells, base sha256, metrics)."""
+    from clipforget import registry
+    from clipforget.atomic import write_json
+
+    try:
+        info = registry.show(ref)
+    except Exception as e:  # MlflowException: no such model, version or alias
+        _fail(ValueError(f"{ref}: {getattr(e, 'message', None) or e}"))
+    if json_out:
+        write_json(json_out, info)
+    for v in info.get("versions", [info]):
+        aliases = ", ".join(v["aliases"]) or "-"
+        metrics = ", ".join(f"{k} {val:.3f}" for k, val in sorted(v["metrics"].items())
+                            if k in ("forget_after", "retain_after", "retain_max_cell_drop"))
+        typer.echo(f"{info['name']} v{v['version']} [{aliases}] request {v['request_id']} by {v['requested_by']}: "
+                   f"{v['mode']} forgetting {', '.join(v['forget_cells'])}; base {str(v['base_sha256'])[:12]}; {metrics}")
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,134 @@
+"""The prototype bank: synthesized prototypes cached per cell, across requests, on disk.
+
+Synthesis seeds every image by (seed, cell, index), so a cell's prototypes depend only on the
+checkpoint, the cell and the synthesis settings — never on which other cells share the batch. The
+bank keys one safetensors file per cell by exactly that: checkpoint sha256 + cell + settings + seed.
+The retain cells that every request needs are therefore synthesized once per checkpoint, and a later
+request only pays for cells nobody asked for before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from clipforget.atomic import atomic_path
+from clipforget.grid import Cell
+from clipforget.synthesis import Prototypes, SynthesisConfig, synthesize
+
+# settings that change no prototype: how many images share a batch
+_NOT_IN_KEY = ("batch_size",)
+
+
+def settings_key(config: SynthesisConfig) -> dict:
+    return {k: v for k, v in asdict(config).items() if k not in _NOT_IN_KEY}
+
+
+def cell_key(checkpoint_sha256: str, cell: Cell, config: SynthesisConfig, with_images: bool = False) -> str:
+    """The bank key of one cell's prototypes (a sha256 hex digest)."""
+    payload = {"checkpoint": checkpoint_sha256, "cell": [cell.cls, cell.domain], "synthesis": settings_key(config),
+               "images": with_images}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+@dataclass(frozen=True)
+class BankReport:
+    """Which cells came from the bank and which were synthesized now."""
+
+    hits: list[str]
+    synthesized: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PrototypeBank:
+    """Per-cell prototype files under `root/<checkpoint sha256>/`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, checkpoint_sha256: str, cell: Cell, config: SynthesisConfig, with_images: bool = False) -> Path:
+        key = cell_key(checkpoint_sha256, cell, config, with_images)
+        return self.root / checkpoint_sha256 / f"{_safe(cell.cls)}--{_safe(cell.domain)}--{key[:24]}.safetensors"
+
+    def has(self, checkpoint_sha256: str, cell: Cell, config: SynthesisConfig, with_images: bool = False) -> bool:
+        return self.path(checkpoint_sha256, cell, config, with_images).is_file()
+
+    def put(self, checkpoint_sha256: str, protos: Prototypes, with_images: bool = False) -> list[Path]:
+        """Store each cell of `protos` in its own file (atomically); returns the paths."""
+        from safetensors.torch import save_file
+
+        paths = []
+        for cell in dict.fromkeys(protos.cells):
+            idx = [i for i, c in enumerate(protos.cells) if c == cell]
+            tensors = {"embeddings": protos.embeddings[idx].contiguous(), "cosines": protos.cosines[idx].contiguous(),
+                       "steps_used": protos.steps_used[idx].contiguous()}
+            if with_images:
+                if protos.images is None:
+                    raise ValueError("with_images needs prototypes synthesized with return_images=True")
+                tensors["images"] = protos.images[idx].contiguous()
+            meta = {"cell": str(cell), "checkpoint_sha256": checkpoint_sha256,
+                    "synthesis": json.dumps(settings_key(protos.config), sort_keys=True),
+                    "seconds": f"{protos.seconds * len(idx) / len(protos.cells):.3f}"}
+            path = self.path(checkpoint_sha256, cell, protos.config, with_images)
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata=meta)
+            paths.append(path)
+        return paths
+
+
+def load_prototypes(paths: Sequence[str | Path], config: SynthesisConfig) -> Prototypes:
+    """Assemble bank files into one `Prototypes` (rows in the order of the files)."""
+    from safetensors import safe_open
+
+    embs, coss, steps, imgs, cells = [], [], [], [], []
+    seconds = 0.0
+    for p in paths:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            e = f.get_tensor("embeddings")
+            embs.append(e)
+            coss.append(f.get_tensor("cosines"))
+            steps.append(f.get_tensor("steps_used"))
+            if "images" in f.keys():  # noqa: SIM118 - safe_open has keys(), not __contains__
+                imgs.append(f.get_tensor("images"))
+            cls, domain = meta["cell"].split("/", 1)
+            cells += [Cell(cls, domain)] * len(e)
+            seconds += float(meta.get("seconds", 0.0))
+    return Prototypes(torch.cat(embs), cells, torch.cat(coss), torch.cat(steps), seconds, config,
+                      torch.cat(imgs) if imgs and len(imgs) == len(paths) else None)
+
+
+def synthesize_with_bank(
+    model: torch.nn.Module,
+    targets: dict[Cell, torch.Tensor],
+    cells: Sequence[Cell],
+    config: SynthesisConfig,
+    checkpoint_sha256: str,
+    bank: PrototypeBank,
+    with_images: bool = False,
+    progress: Callable[[dict], None] | None = None,
+) -> tuple[list[Path], BankReport]:
+    """Bank files for `cells`, synthesizing (in one batch) only the cells the bank lacks."""
+    t0 = time.perf_counter()
+    missing = [c for c in cells if not bank.has(checkpoint_sha256, c, config, with_images)]
+    if missing:
+        protos = synthesize(model, torch.stack([targets[c] for c in missing]), missing, config, progress,
+                            return_images=with_images)
+        bank.put(checkpoint_sha256, protos, with_images)
+    paths = [bank.path(checkpoint_sha256, c, config, with_images) for c in cells]
+    hits = [str(c) for c in cells if c not in set(missing)]
+    return paths, BankReport(hits, [str(c) for c in missing], time.perf_counter() - t0)

@@ -1,0 +1,281 @@
+"""The MLflow model registry: the one place that knows MLflow tag names, aliases and the model package.
+
+An approved unlearned model is logged as a pickle-free pyfunc (`pyfunc_model.py`, models from code:
+safetensors weights + open_clip config + classifier + projection), registered under the request's
+name with tags that say where it came from and how it measured, and given the alias `candidate`
+(`champion` too on promotion). A request id is registered at most once per name: asking again
+returns the existing version.
+
+Tracking URI: `MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` with artifacts in `./mlruns`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT = "clipforget"
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+# version tags
+TAG_REQUEST_ID = "clipforget.request_id"
+TAG_REQUESTED_BY = "clipforget.requested_by"
+TAG_MODE = "clipforget.mode"
+TAG_FORGET_CELLS = "clipforget.forget_cells"
+TAG_BASE_SHA256 = "clipforget.base_sha256"
+TAG_SHA256 = "clipforget.sha256"  # of the unlearned checkpoint
+TAG_ARCH = "clipforget.arch"
+TAG_GRID = "clipforget.grid"
+TAG_METRIC_PREFIX = "clipforget.metric."
+MAX_TAG_VALUE = 5000  # MLflow's limit on a tag value
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def client(uri: str | None = None) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri or tracking_uri(), registry_uri=uri or tracking_uri())
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    created: bool  # False when the request id was registered before and nothing new was made
+    aliases: list[str]
+    model_uri: str  # models:/NAME/VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def version_tags(request_id: str, requested_by: str, mode: str, forget_cells: Sequence[str], base_sha256: str,
+                 sha256: str, arch: str, grid: str, metrics: Mapping[str, float]) -> dict[str, str]:
+    tags = {TAG_REQUEST_ID: request_id, TAG_REQUESTED_BY: requested_by, TAG_MODE: mode,
+            TAG_FORGET_CELLS: ",".join(forget_cells)[:MAX_TAG_VALUE], TAG_BASE_SHA256: base_sha256,
+            TAG_SHA256: sha256, TAG_ARCH: arch, TAG_GRID: grid}
+    tags.update({f"{TAG_METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))})
+    return tags
+
+
+def find_version(name: str, request_id: str, uri: str | None = None) -> Any | None:
+    """The version of `name` registered for `request_id`, if any."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        return None
+    found = c.search_model_versions(f"name = '{_quote(name)}' and tags.`{TAG_REQUEST_ID}` = '{_quote(request_id)}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def package_model(workdir: Path, checkpoint: Path, arch: str, projection: Path, classes: Sequence[str],
+                  classifier: Any, grid: Mapping[str, Any]) -> dict[str, str]:
+    """Write the pyfunc artifacts (besides the weights and projection, which exist) and return their map."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from clipforget.models import register_toy_config
+
+    clash = {"label", "score", "image"} & set(classes)
+    if clash:
+        raise ValueError(f"class names {sorted(clash)} clash with the pyfunc's output columns")
+    register_toy_config()
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ValueError(f"open_clip has no config for {arch!r}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_path = workdir / f"{arch}.json"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    clf_path = workdir / "classifier.safetensors"
+    save_file({"classifier": classifier.float().contiguous()}, str(clf_path))
+    proj_path = workdir / "projection.safetensors"
+    shutil.copyfile(projection, proj_path)
+    labels = workdir / "labels.json"
+    labels.write_text(json.dumps({"classes": list(classes), "grid": dict(grid)}, indent=2))
+    return {"weights": str(checkpoint), "open_clip_config": str(cfg_path), "classifier": str(clf_path),
+            "labels": str(labels), "projection": str(proj_path)}
+
+
+def signature(classes: Sequence[str]) -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    outputs: list[Any] = [ColSpec("string", "label"), ColSpec("double", "score")] + [ColSpec("double", c) for c in classes]
+    return ModelSignature(inputs=Schema([ColSpec("binary", "image")]), outputs=Schema(outputs))
+
+
+def encode_png(image: Any) -> bytes:
+    """uint8 [H, W, 3] → PNG bytes, the pyfunc's input format."""
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pip_requirements() -> list[str]:
+    """Pinned to what built the model; given explicitly so MLflow need not load the model to infer them."""
+    from importlib.metadata import version
+
+    pins = [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "open_clip_torch", "safetensors", "pillow", "numpy",
+                                                 "pandas")]
+    return [f"torch=={version('torch').split('+')[0]}", *pins]
+
+
+def register(
+    name: str,
+    request_id: str,
+    artifacts: Mapping[str, str],
+    classes: Sequence[str],
+    example_image: Any,
+    tags: Mapping[str, str],
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    report: Mapping[str, Any],
+    promote: bool = False,
+    uri: str | None = None,
+) -> RegisteredVersion:
+    """Log the pyfunc in an MLflow run, register it under `name` and set aliases (idempotent per request id)."""
+    import mlflow
+    import pandas as pd
+
+    uri = uri or tracking_uri()
+    existing = find_version(name, request_id, uri)
+    if existing is not None:
+        return _described(name, existing.version, created=False, uri=uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name=f"unlearn-{request_id}", tags=dict(tags)):
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.log_dict(dict(report), "report.json")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts=dict(artifacts),
+            signature=signature(classes),
+            input_example=pd.DataFrame({"image": [encode_png(example_image)]}),
+            pip_requirements=pip_requirements(),
+        )
+    c = client(uri)
+    mv = mlflow.register_model(info.model_uri, name, tags=dict(tags))
+    c.set_registered_model_alias(name, CANDIDATE, mv.version)
+    if promote:
+        c.set_registered_model_alias(name, CHAMPION, mv.version)
+    return _described(name, mv.version, created=True, uri=uri)
+
+
+def promote(name: str, version: str, uri: str | None = None) -> None:
+    client(uri).set_registered_model_alias(name, CHAMPION, str(version))
+
+
+def _described(name: str, version: str, created: bool, uri: str | None) -> RegisteredVersion:
+    mv = client(uri).get_model_version(name, str(version))
+    return RegisteredVersion(name, str(mv.version), created, sorted(getattr(mv, "aliases", []) or []),
+                             f"models:/{name}/{mv.version}")
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """'NAME', 'NAME@alias', 'NAME/version' or 'models:/NAME@alias' → (name, alias, version)."""
+    ref = ref.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        return name, alias, None
+    if "/" in ref and ref.rsplit("/", 1)[1].isdigit():
+        name, version = ref.rsplit("/", 1)
+        return name, None, version
+    return ref, None, None
+
+
+def _version_dict(mv: Any) -> dict:
+    tags = dict(mv.tags or {})
+    return {
+        "version": str(mv.version),
+        "aliases": sorted(getattr(mv, "aliases", []) or []),
+        "status": mv.status,
+        "created": mv.creation_timestamp,
+        "request_id": tags.get(TAG_REQUEST_ID),
+        "requested_by": tags.get(TAG_REQUESTED_BY),
+        "mode": tags.get(TAG_MODE),
+        "forget_cells": (tags.get(TAG_FORGET_CELLS) or "").split(",") if tags.get(TAG_FORGET_CELLS) else [],
+        "base_sha256": tags.get(TAG_BASE_SHA256),
+        "sha256": tags.get(TAG_SHA256),
+        "metrics": {k[len(TAG_METRIC_PREFIX):]: float(v) for k, v in tags.items() if k.startswith(TAG_METRIC_PREFIX)},
+        "tags": tags,
+    }
+
+
+def list_models(uri: str | None = None) -> list[dict]:
+    """Every registered model with its versions' count and aliases."""
+    out = []
+    for rm in client(uri).search_registered_models():
+        aliases = dict(getattr(rm, "aliases", {}) or {})
+        latest = max((int(v.version) for v in (rm.latest_versions or [])), default=None)
+        out.append({"name": rm.name, "latest_version": latest, "aliases": aliases,
+                    "description": rm.description or ""})
+    return out
+
+
+def show(ref: str, uri: str | None = None) -> dict:
+    """A registered model (all versions) or one version (NAME@alias, NAME/version) with its tags."""
+    c = client(uri)
+    name, alias, version = parse_model_ref(ref)
+    if alias is not None:
+        return {"name": name, **_version_dict(c.get_model_version_by_alias(name, alias))}
+    if version is not None:
+        return {"name": name, **_version_dict(c.get_model_version(name, version))}
+    rm = c.get_registered_model(name)
+    versions = sorted(c.search_model_versions(f"name = '{_quote(name)}'"), key=lambda v: int(v.version))
+    aliases = dict(getattr(rm, "aliases", {}) or {})
+    by_version: dict[str, list[str]] = {}
+    for a, v in aliases.items():
+        by_version.setdefault(str(v), []).append(a)
+    rows = []
+    for v in versions:
+        d = _version_dict(v)
+        d["aliases"] = sorted(by_version.get(str(v.version), []))
+        rows.append(d)
+    return {"name": name, "aliases": aliases, "versions": rows}
+
+
+def load_pyfunc(model_uri: str, uri: str | None = None) -> Any:
+    """A registered model as MLflow pyfunc (`models:/NAME@alias`, `models:/NAME/version`, runs:/...)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri or tracking_uri())
+    mlflow.set_registry_uri(uri or tracking_uri())
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def classify_folder(pyfunc: Any, root: str | Path, batch_size: int = 256) -> tuple[list[str], list[Any]]:
+    """Predicted labels for every image of a labelled folder, and each image's cell."""
+    import pandas as pd
+
+    from clipforget.data import list_labelled_images
+
+    items = list_labelled_images(root)
+    labels: list[str] = []
+    for i in range(0, len(items), batch_size):
+        frame = pd.DataFrame({"image": [p.read_bytes() for p, _ in items[i : i + batch_size]]})
+        labels += list(pyfunc.predict(frame)["label"])
+    return labels, [c for _, c in items]

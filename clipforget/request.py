@@ -1,0 +1,118 @@
+"""A forget request as it arrives at the pipeline (a pydantic model at the edge), and its gate.
+
+The gate is what stands between an unlearned model and the registry: the mode's acceptance criteria
+(`criteria.mode_checks`) plus the request's own thresholds, each reported with its measured value.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from clipforget.criteria import Check, mode_checks
+from clipforget.evaluate import EvalReport
+from clipforget.forget import Outcome
+from clipforget.grid import Cell
+from clipforget.synthesis import SynthesisConfig
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+def _default_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
+
+
+class Thresholds(BaseModel):
+    """Request thresholds, checked on top of the mode's criteria unless `mode_criteria` is off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_forget_acc: float | None = Field(default=None, ge=0, le=1, description="largest accuracy a forget cell may keep")
+    max_retain_drop: float | None = Field(default=None, ge=0, le=1, description="largest accuracy drop of any retain cell")
+    mode_criteria: bool = Field(default=True, description="also apply the mode's acceptance criteria (criteria.py)")
+
+
+class SynthesisSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prototypes_per_cell: int = Field(default=8, ge=1)
+    steps: int = Field(default=300, ge=1)
+    target_cosine: float | None = Field(default=None, description="default: 0.77 for the toy model, 0.30 otherwise")
+    seed: int = 0
+    heldout_per_cell: int = Field(default=4, ge=1, description="held-out prototypes per cell for data-free validation")
+
+    def config(self, arch: str) -> SynthesisConfig:
+        target = self.target_cosine if self.target_cosine is not None else (0.77 if arch == "toy" else 0.30)
+        return SynthesisConfig(prototypes_per_cell=self.prototypes_per_cell, steps=self.steps, target_cosine=target,
+                               seed=self.seed)
+
+
+class UnlearnRequest(BaseModel):
+    """What to forget, from which checkpoint, how strictly, and where the approved model goes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(default="", description="idempotency key; default: a digest of the request's content")
+    requested_by: str = Field(default_factory=_default_user)
+    mode: Literal["global", "domain", "domain_complete"]
+    classes: list[str] = []
+    domains: list[str] = []
+    arch: str = "toy"
+    checkpoint_uri: str | None = Field(default=None, description="s3://, file:// or a path; default: bundled toy weights")
+    checkpoint_sha256: str | None = None
+    grid: str | None = Field(default=None, description="toy, pacs, domainnet or a grid JSON file; default toy for the toy "
+                             "model, else the grid of the evaluation data")
+    data_uri: str | None = Field(default=None, description="labelled <domain>/<class>/ images (S3 prefix or folder); "
+                                 "default: data-free validation on held-out prototypes")
+    thresholds: Thresholds = Thresholds()
+    synthesis: SynthesisSettings = SynthesisSettings()
+    projection: Literal["soft", "hard"] | None = None
+    source: Literal["text", "prototypes", "multimodal"] | None = None
+    registered_name: str | None = Field(default=None, description="MLflow registered model name; default clipforget-<arch>")
+    promote: bool = Field(default=False, description="also move the `champion` alias to the approved version")
+
+    @field_validator("checkpoint_sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.strip().lower().removeprefix("sha256:")
+        if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+            raise ValueError("checkpoint_sha256 must be a sha256 hex digest")
+        return v
+
+    @model_validator(mode="after")
+    def _ids(self) -> UnlearnRequest:
+        if not self.request_id:
+            self.request_id = f"req-{self.content_digest()[:16]}"
+        if not re.match(ID_PATTERN, self.request_id):
+            raise ValueError(f"request_id {self.request_id!r} must match {ID_PATTERN}")
+        if self.registered_name is None:
+            self.registered_name = f"clipforget-{self.arch}"
+        return self
+
+    def content_digest(self) -> str:
+        """A digest of everything that decides the result (not who asked, nor the id itself)."""
+        data = self.model_dump(exclude={"request_id", "requested_by"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def gate_checks(mode: str, before: EvalReport, after: EvalReport, forget: Sequence[Cell],
+                thresholds: Thresholds) -> list[Check]:
+    """Every check the unlearned model must pass to be registered."""
+    checks = list(mode_checks(mode, before, after, forget)) if thresholds.mode_criteria else []
+    outcome = Outcome.measure(before, after, forget)
+    if thresholds.max_forget_acc is not None:
+        checks.append(Check("request: max forget-cell accuracy", outcome.forget_max_after, thresholds.max_forget_acc))
+    if thresholds.max_retain_drop is not None:
+        checks.append(Check("request: max retain-cell drop", outcome.retain_max_cell_drop, thresholds.max_retain_drop))
+    return checks

@@ -1,0 +1,45 @@
+"""What every task shares: where run files live, cache keys over files, retry conditions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from clipforget.storage import TransientError, cache_root, is_transient
+
+
+def work_root() -> Path:
+    """Files the pipeline writes (text embeddings, prototype bank, projections, checkpoints, reports)."""
+    return cache_root()
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry network trouble and server errors; a checksum mismatch or a missing object fails at once."""
+    exc = getattr(state, "data", None)
+    return isinstance(exc, TransientError) or (isinstance(exc, BaseException) and is_transient(exc))
+
+
+def file_cache_key(output: Callable[[dict], Path]) -> Callable[[Any, dict], str | None]:
+    """A Prefect cache_key_fn keyed by the output path a task would write (itself named by its inputs'
+    digests); no key — so the task runs — when that file is gone, so a cached result never points at nothing."""
+
+    def key(context: Any, parameters: dict) -> str | None:
+        path = output(parameters)
+        return f"{path.parent.name}-{path.stem}" if path.is_file() else None
+
+    return key
+
+
+_LOADED: dict[tuple[str, str, str], Any] = {}
+
+
+def loaded_model(arch: str, checkpoint: str, sha256: str) -> Any:
+    """The model of a fetched checkpoint, loaded once per process (tasks of one run share it, read-only)."""
+    from clipforget.models import load_model
+
+    key = (arch, checkpoint, sha256)
+    if key not in _LOADED:
+        _LOADED.clear()  # keep one model alive, not one per checkpoint ever seen
+        _LOADED[key] = load_model(arch, checkpoint)
+    return _LOADED[key]

@@ -1,0 +1,60 @@
+"""Registration in the MLflow model registry (only ever called for a model that passed the gate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from clipforget import registry
+
+
+@task(name="find_registered", retries=2, retry_delay_seconds=5)
+def find_registered(name: str, request_id: str) -> dict | None:
+    """The version already registered for this request id, if any (re-runs register nothing new)."""
+    mv = registry.find_version(name, request_id)
+    return None if mv is None else registry.show(f"{name}/{mv.version}")
+
+
+def _example_image(path: str):
+    import numpy as np
+    from PIL import Image
+
+    if path.endswith(".safetensors"):  # a held-out prototype bank file
+        from safetensors import safe_open
+
+        with safe_open(path, framework="np") as f:
+            return f.get_tensor("images")[0]
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+# idempotent per request id, so a retry after a dropped connection cannot register twice
+@task(name="register_model", retries=2, retry_delay_seconds=5)
+def register_model(name: str, request_id: str, requested_by: str, arch: str, grid: dict, mode: str,
+                   forget: list[str], base_sha256: str, unlearned: dict, projection_file: str, example: str,
+                   metrics: dict, params: dict, report: dict, promote: bool) -> dict:
+    """Log the pickle-free pyfunc, register it under `name`, alias `candidate` (and `champion` on promotion)."""
+    from clipforget.evaluate import ZeroShotClassifier
+    from clipforget.models import load_model
+
+    logger = get_run_logger()
+    g = _grid(grid)
+    model = load_model(arch, unlearned["path"])
+    classifier = ZeroShotClassifier(model.model, model.tokenizer, g).weights  # text tower as the base's
+    workdir = Path(unlearned["path"]).parent / "package"
+    artifacts = registry.package_model(workdir, Path(unlearned["path"]), arch, Path(projection_file),
+                                       g.classes, classifier, grid)
+    tags = registry.version_tags(request_id, requested_by, mode, forget, base_sha256, unlearned["sha256"], arch,
+                                 grid["name"], metrics)
+    rv = registry.register(name, request_id, artifacts, g.classes, _example_image(example), tags, params,
+                           metrics, report, promote)
+    logger.info("%s version %s of %s (aliases: %s)", "registered" if rv.created else "already registered as",
+                rv.version, rv.name, ", ".join(rv.aliases) or "none")
+    return rv.to_dict()
+
+
+def _grid(grid: dict):
+    from clipforget.grid import Grid
+
+    return Grid(grid["name"], tuple(grid["classes"]), tuple(grid["domains"]))
