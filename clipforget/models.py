@@ -113,17 +113,19 @@ def load_model(
     if pretrained is not None:
         checkpoint = _download_pretrained(arch, pretrained)
 
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
     sha = None
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_file():
             raise ModelLoadError(f"checkpoint not found: {path}")
         sha = sha256_file(path)
-        try:
-            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-        except Exception as e:  # a wrong file for this architecture, or a pickle that is not a plain state dict
-            raise ModelLoadError(f"cannot load {path.name} into {arch}: {type(e).__name__}: {str(e)[:500]}") from e
+    try:
+        # open_clip reads safetensors, or torch state dicts with weights_only=True (no arbitrary unpickling)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=None if checkpoint is None else str(checkpoint), weights_only=True)
+    except Exception as e:  # a wrong file for this architecture, or a pickle that is not a plain state dict
+        name = Path(checkpoint).name if checkpoint is not None else "random weights"
+        raise ModelLoadError(f"cannot load {name} into {arch}: {type(e).__name__}: {str(e)[:500]}") from e
     model.float().eval().to(pick_device(device))
     tokenizer = open_clip.get_tokenizer(arch)
     return LoadedModel(model, tokenizer, preprocess, arch, None if checkpoint is None else str(checkpoint), sha)
