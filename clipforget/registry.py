@@ -27,6 +27,7 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 
 # version tags
 TAG_REQUEST_ID = "clipforget.request_id"
+TAG_REQUEST_DIGEST = "clipforget.request_digest"  # of the request's content: one id, one request
 TAG_REQUESTED_BY = "clipforget.requested_by"
 TAG_MODE = "clipforget.mode"
 TAG_FORGET_CELLS = "clipforget.forget_cells"
@@ -60,9 +61,10 @@ class RegisteredVersion:
         return asdict(self)
 
 
-def version_tags(request_id: str, requested_by: str, mode: str, forget_cells: Sequence[str], base_sha256: str,
-                 sha256: str, arch: str, grid: str, metrics: Mapping[str, float]) -> dict[str, str]:
-    tags = {TAG_REQUEST_ID: request_id, TAG_REQUESTED_BY: requested_by, TAG_MODE: mode,
+def version_tags(request_id: str, request_digest: str, requested_by: str, mode: str, forget_cells: Sequence[str],
+                 base_sha256: str, sha256: str, arch: str, grid: str, metrics: Mapping[str, float]) -> dict[str, str]:
+    tags = {TAG_REQUEST_ID: request_id, TAG_REQUEST_DIGEST: request_digest, TAG_REQUESTED_BY: requested_by,
+            TAG_MODE: mode,
             TAG_FORGET_CELLS: ",".join(forget_cells)[:MAX_TAG_VALUE], TAG_BASE_SHA256: base_sha256,
             TAG_SHA256: sha256, TAG_ARCH: arch, TAG_GRID: grid}
     tags.update({f"{TAG_METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -215,6 +217,7 @@ def _version_dict(mv: Any) -> dict:
         "status": mv.status,
         "created": mv.creation_timestamp,
         "request_id": tags.get(TAG_REQUEST_ID),
+        "request_digest": tags.get(TAG_REQUEST_DIGEST),
         "requested_by": tags.get(TAG_REQUESTED_BY),
         "mode": tags.get(TAG_MODE),
         "forget_cells": (tags.get(TAG_FORGET_CELLS) or "").split(",") if tags.get(TAG_FORGET_CELLS) else [],

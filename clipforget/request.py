@@ -101,8 +101,8 @@ class UnlearnRequest(BaseModel):
         return self
 
     def content_digest(self) -> str:
-        """A digest of everything that decides the result (not who asked, nor the id itself)."""
-        data = self.model_dump(exclude={"request_id", "requested_by"})
+        """A digest of everything that decides the result (not who asked, the id itself, nor promotion)."""
+        data = self.model_dump(exclude={"request_id", "requested_by", "promote"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

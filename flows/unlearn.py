@@ -58,6 +58,9 @@ def unlearn(request: UnlearnRequest, report_path: str | None = None):
 
     # 0. a request id is registered at most once
     existing = find_registered(request.registered_name, request.request_id)
+    if existing is not None and existing.get("request_digest") not in (None, request.content_digest()):
+        raise ValueError(f"request id {request.request_id!r} was registered for a different request "
+                         f"({request.registered_name} version {existing['version']}); use a new request id")
     if existing is not None:
         logger.info("request %s is already registered as %s version %s; nothing to do", request.request_id,
                     request.registered_name, existing["version"])
@@ -143,11 +146,10 @@ def unlearn(request: UnlearnRequest, report_path: str | None = None):
     params = {"mode": request.mode, "classes": ",".join(request.classes), "domains": ",".join(request.domains),
               "arch": request.arch, **{f"synthesis.{k}": v for k, v in asdict(synthesis).items()},
               **{f"nullspace.{k}": v for k, v in nullspace.to_dict().items()}}
-    report["registered"] = register_model(request.registered_name, request.request_id, request.requested_by,
-                                          request.arch, grid_dict, request.mode, cell_names(forget), base["sha256"],
-                                          unlearned, projection["path"], example, verdict["metrics"], params,
-                                          {k: v for k, v in report.items() if k not in ("before", "after")},
-                                          request.promote)
+    report["registered"] = register_model(
+        request.registered_name, request.request_id, request.content_digest(), request.requested_by, request.arch,
+        grid_dict, request.mode, cell_names(forget), base["sha256"], unlearned, projection["path"], example,
+        verdict["metrics"], params, {k: v for k, v in report.items() if k not in ("before", "after")}, request.promote)
     step("register", t)
     logger.info("approved: %s version %s", request.registered_name, report["registered"]["version"])
     return done(report)

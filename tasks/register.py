@@ -31,7 +31,7 @@ def _example_image(path: str):
 
 # idempotent per request id, so a retry after a dropped connection cannot register twice
 @task(name="register_model", retries=2, retry_delay_seconds=5)
-def register_model(name: str, request_id: str, requested_by: str, arch: str, grid: dict, mode: str,
+def register_model(name: str, request_id: str, request_digest: str, requested_by: str, arch: str, grid: dict, mode: str,
                    forget: list[str], base_sha256: str, unlearned: dict, projection_file: str, example: str,
                    metrics: dict, params: dict, report: dict, promote: bool) -> dict:
     """Log the pickle-free pyfunc, register it under `name`, alias `candidate` (and `champion` on promotion)."""
@@ -45,8 +45,8 @@ def register_model(name: str, request_id: str, requested_by: str, arch: str, gri
     workdir = Path(unlearned["path"]).parent / "package"
     artifacts = registry.package_model(workdir, Path(unlearned["path"]), arch, Path(projection_file),
                                        g.classes, classifier, grid)
-    tags = registry.version_tags(request_id, requested_by, mode, forget, base_sha256, unlearned["sha256"], arch,
-                                 grid["name"], metrics)
+    tags = registry.version_tags(request_id, request_digest, requested_by, mode, forget, base_sha256,
+                                 unlearned["sha256"], arch, grid["name"], metrics)
     rv = registry.register(name, request_id, artifacts, g.classes, _example_image(example), tags, params,
                            metrics, report, promote)
     logger.info("%s version %s of %s (aliases: %s)", "registered" if rv.created else "already registered as",

@@ -1,0 +1,132 @@
+"""Real components the pipeline tests start themselves, once per session: an S3 endpoint (moto's
+server mode, over HTTP) holding the toy checkpoint with its sha256 metadata and a rendered evaluation
+set, an `mlflow server` subprocess on SQLite, and Prefect through `prefect_test_harness`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from clipforget.models import TOY_WEIGHTS, sha256_file
+
+BUCKET = "clipforget-test"
+EVAL_SEED, EVAL_PER_CELL = 4, 20  # training used render seed 0, the core's tests seed 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pipeline_env(tmp_path_factory):
+    """Isolated cache, fake AWS credentials, no telemetry; restored afterwards."""
+    root = tmp_path_factory.mktemp("pipeline")
+    updates = {"CLIPFORGET_CACHE": str(root / "cache"), "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
+    for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
+        updates.setdefault(key, "")
+    saved = {k: os.environ.get(k) for k in updates}
+    for k, v in updates.items():
+        if v:
+            os.environ[k] = v
+        else:
+            os.environ.pop(k, None)
+    yield root
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3(pipeline_env):
+    """A moto S3 server over HTTP: s3://BUCKET/models/toy.safetensors (sha256 metadata) and
+    s3://BUCKET/eval/toy/<domain>/<class>/<i>.png."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from clipforget.data import cell_dir
+    from clipforget.grid import Cell, resolve_grid
+    from clipforget.registry import encode_png
+    from clipforget.toyworld.render import render_cells
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    sha = sha256_file(TOY_WEIGHTS)
+    client.upload_file(str(TOY_WEIGHTS), BUCKET, "models/toy.safetensors", ExtraArgs={"Metadata": {"sha256": sha}})
+    images, cells = render_cells(resolve_grid("toy").cells, EVAL_PER_CELL, EVAL_SEED)
+    counts: dict = {}
+    for image, (cls, domain) in zip(images, cells, strict=True):
+        cell = Cell(cls, domain)
+        i = counts[cell] = counts.get(cell, -1) + 1
+        key = (cell_dir("eval/toy", cell) / f"{i}.png").as_posix()
+        client.put_object(Bucket=BUCKET, Key=key, Body=encode_png(image))
+    yield {"endpoint": os.environ["AWS_ENDPOINT_URL"], "bucket": BUCKET, "client": client, "sha256": sha,
+           "checkpoint": f"s3://{BUCKET}/models/toy.safetensors", "eval": f"s3://{BUCKET}/eval/toy/"}
+    server.stop()
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(pipeline_env):
+    """A real `mlflow server` subprocess (SQLite backend, proxied artifacts) on a free local port."""
+    root = pipeline_env / "mlflow"
+    root.mkdir()
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start: {Path(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    os.environ["MLFLOW_TRACKING_URI"] = url
+    yield url
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(pipeline_env):
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def pipeline(s3, mlflow_server, prefect_harness):
+    """Everything the flow talks to, started."""
+    return {"s3": s3, "mlflow": mlflow_server}

@@ -1,0 +1,42 @@
+"""The prototype bank: per-cell files keyed by checkpoint + cell + settings, reused across requests."""
+
+from __future__ import annotations
+
+import torch
+
+from clipforget.bank import PrototypeBank, cell_key, load_prototypes, synthesize_with_bank
+from clipforget.grid import Cell
+from clipforget.method import cell_text_embeddings, text_targets
+from clipforget.models import load_model
+from clipforget.prompts import TemplateSet
+from clipforget.synthesis import SynthesisConfig
+
+TINY = SynthesisConfig(prototypes_per_cell=2, steps=6, check_every=3)
+
+
+def test_bank_synthesizes_only_missing_cells_and_matches_a_fresh_batch(tmp_path):
+    toy = load_model("toy", device="cpu")
+    cells = [Cell("star", "sketch"), Cell("heart", "photo"), Cell("tree", "cartoon")]
+    text = cell_text_embeddings(toy.model, toy.tokenizer, TemplateSet(), cells)
+    targets = dict(zip(cells, text_targets(text, cells), strict=True))
+    bank = PrototypeBank(tmp_path)
+    _, first = synthesize_with_bank(toy.model, targets, cells[:2], TINY, toy.sha256, bank)
+    assert first.hits == [] and first.synthesized == ["star/sketch", "heart/photo"]
+    paths, second = synthesize_with_bank(toy.model, targets, cells, TINY, toy.sha256, bank)
+    assert second.hits == ["star/sketch", "heart/photo"] and second.synthesized == ["tree/cartoon"]
+    protos = load_prototypes(paths, TINY)
+    assert protos.cells == [c for c in cells for _ in range(2)] and protos.embeddings.shape == (6, 128)
+    # a cell's prototypes do not depend on its batch: the banked ones equal a batch of that cell alone
+    alone, _ = synthesize_with_bank(toy.model, targets, cells[:1], TINY, toy.sha256, PrototypeBank(tmp_path / "b"))
+    torch.testing.assert_close(load_prototypes(alone, TINY).embeddings, protos.embeddings[:2], atol=2e-3, rtol=0)
+
+
+def test_keys_change_with_checkpoint_cell_settings_and_seed():
+    c = Cell("star", "sketch")
+    base = cell_key("a" * 64, c, TINY)
+    assert base == cell_key("a" * 64, c, SynthesisConfig(prototypes_per_cell=2, steps=6, check_every=3, batch_size=7))
+    others = {cell_key("b" * 64, c, TINY), cell_key("a" * 64, Cell("star", "photo"), TINY),
+              cell_key("a" * 64, c, SynthesisConfig(prototypes_per_cell=2, steps=7, check_every=3)),
+              cell_key("a" * 64, c, SynthesisConfig(prototypes_per_cell=2, steps=6, check_every=3, seed=1)),
+              cell_key("a" * 64, c, TINY, with_images=True)}
+    assert base not in others and len(others) == 5

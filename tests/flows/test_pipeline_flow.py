@@ -1,0 +1,214 @@
+"""End to end: S3 (moto server) → the unlearn flow (Prefect) → MLflow server, and what consumers see."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+from prefect.artifacts import Artifact
+
+from clipforget import registry
+from clipforget.request import Thresholds, UnlearnRequest
+
+NAME = "toy-unlearned"
+pytestmark = pytest.mark.slow
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def run(request: UnlearnRequest, tmp_path) -> dict:
+    """Run the flow; return its final state, report, wall time and the task log lines."""
+    import json
+
+    from flows.unlearn import unlearn
+
+    handler = _Lines()
+    loggers = [logging.getLogger(n) for n in ("prefect.task_runs", "prefect.flow_runs")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    report_path = tmp_path / f"{request.request_id}-{time.monotonic_ns()}.json"
+    t0 = time.perf_counter()
+    try:
+        state = unlearn(request, str(report_path), return_state=True)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    return {"state": state, "report": json.loads(report_path.read_text()), "seconds": time.perf_counter() - t0,
+            "logs": handler.lines}
+
+
+def star_request(pipeline, request_id: str, **kw) -> UnlearnRequest:
+    return UnlearnRequest(request_id=request_id, requested_by="tests", mode="global", classes=["star"],
+                          checkpoint_uri=pipeline["s3"]["checkpoint"], data_uri=pipeline["s3"]["eval"],
+                          registered_name=NAME, **kw)
+
+
+@pytest.fixture(scope="module")
+def first(pipeline, tmp_path_factory):
+    """The first request: forget `star` everywhere from the S3 checkpoint, promote when approved."""
+    return run(star_request(pipeline, "forget-star-1", promote=True), tmp_path_factory.mktemp("reports"))
+
+
+def test_first_request_is_approved_and_registered(first, pipeline):
+    assert first["state"].is_completed(), first["state"].message
+    rep = first["report"]
+    assert rep["passed"] and all(c["passed"] for c in rep["checks"])
+    assert rep["model"]["sha256"] == pipeline["s3"]["sha256"]
+    assert rep["prototypes"]["synthesized"] == 40 and rep["prototypes"]["reused"] == 0
+    reg = rep["registered"]
+    assert reg["name"] == NAME and reg["version"] == "1" and reg["created"]
+    assert set(reg["aliases"]) == {"candidate", "champion"}
+    info = registry.show(f"{NAME}@candidate")
+    assert info["request_id"] == "forget-star-1" and info["requested_by"] == "tests" and info["mode"] == "global"
+    assert info["forget_cells"] == ["star/photo", "star/painting", "star/cartoon", "star/sketch"]
+    assert info["base_sha256"] == pipeline["s3"]["sha256"]
+    assert info["sha256"] == rep["output"]["sha256"]
+    assert info["metrics"]["forget_after"] == pytest.approx(rep["metrics"]["forget_after"], abs=1e-5)
+    assert any("synthesis: images" in line and "mean cosine" in line for line in first["logs"])
+    summary = Artifact.get("forget-star-1-summary")
+    assert summary is not None and "APPROVED" in summary.data and "max forget-cell accuracy" in summary.data
+    assert Artifact.get("forget-star-1-cells") is not None
+
+
+def test_registered_model_is_pickle_free(first, pipeline):
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1")
+    from pathlib import Path
+
+    files = {p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file()}
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    assert {"MLmodel", "pyfunc_model.py", "input_example.json"} <= files
+    assert {"artifacts/unlearned.safetensors", "artifacts/projection.safetensors", "artifacts/toy.json"} <= files
+    assert "python_model" not in (Path(local) / "MLmodel").read_text().replace("model_code_path", "")
+
+
+def test_candidate_forgets_star_on_fresh_renders_and_keeps_the_rest(first, pipeline):
+    import mlflow
+    import pandas as pd
+
+    from clipforget.evaluate import LabelledImages, ZeroShotClassifier, image_features, score_cells
+    from clipforget.grid import resolve_grid
+    from clipforget.models import load_model
+    from clipforget.toyworld.render import render_cells
+
+    grid = resolve_grid("toy")
+    images, cells = render_cells(grid.cells, 10, seed=5)  # fresh: no test or evaluation render used seed 5
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@candidate")
+    out = model.predict(pd.DataFrame({"image": [registry.encode_png(im) for im in images]}))
+    assert list(out.columns[:2]) == ["label", "score"] and set(grid.classes) <= set(out.columns)
+    np.testing.assert_allclose(out[list(grid.classes)].sum(axis=1), 1.0, atol=1e-5)
+    after = score_cells(list(out["label"]), cells)
+    base = load_model("toy")
+    pixels = LabelledImages.from_arrays(images, cells, base.preprocess).pixels
+    clf = ZeroShotClassifier(base.model, base.tokenizer, grid)
+    before = clf.evaluate(image_features(base.model, pixels), cells)
+    forget = [c for c in grid.cells if c.cls == "star"]
+    retain = [c for c in grid.cells if c.cls != "star"]
+    assert after.mean_over(forget) <= 0.15, after.to_dict()
+    assert before.mean_over(retain) - after.mean_over(retain) <= 0.03
+    # the pyfunc predicts what the core's classifier predicts with the unlearned checkpoint itself
+    unlearned = load_model("toy", first["report"]["output"]["path"])
+    assert list(out["label"]) == clf.predict(image_features(unlearned.model, pixels))
+
+
+def test_same_request_id_registers_nothing_new(first, pipeline, tmp_path):
+    again = run(star_request(pipeline, "forget-star-1", promote=True), tmp_path)
+    assert again["state"].is_completed()
+    assert again["report"]["reused"] and again["report"]["registered"]["version"] == "1"
+    assert [v["version"] for v in registry.show(NAME)["versions"]] == ["1"]
+    assert again["seconds"] < first["seconds"] / 3
+
+
+def test_a_request_id_cannot_be_reused_for_another_request(first, pipeline, tmp_path):
+    from flows.unlearn import unlearn
+
+    other = star_request(pipeline, "forget-star-1").model_copy(update={"classes": ["heart"]})
+    state = unlearn(other, return_state=True)
+    assert state.is_failed() and "registered for a different request" in state.message
+    assert [v["version"] for v in registry.show(NAME)["versions"]] == ["1"]
+
+
+def test_unmeetable_threshold_registers_nothing_and_reuses_the_prototype_bank(first, pipeline, tmp_path):
+    strict = star_request(pipeline, "forget-star-strict", thresholds=Thresholds(max_retain_drop=0.0, max_forget_acc=0.0))
+    second = run(strict, tmp_path)
+    assert second["state"].is_failed()
+    rep = second["report"]
+    assert rep["passed"] is False and rep["registered"] is None and "rejected" in rep
+    failed = [c for c in rep["checks"] if not c["passed"]]
+    assert failed and all(c["name"].startswith("request:") for c in failed)
+    assert rep["metrics"]["forget_before"] > 0.9  # the numbers are in the report and the artifact
+    summary = Artifact.get("forget-star-strict-summary").data
+    assert "REJECTED" in summary and f"{failed[-1]['value']:.4f}" in summary
+    assert [v["version"] for v in registry.show(NAME)["versions"]] == ["1"]
+    # same cells, same checkpoint and settings: every prototype comes from the bank
+    assert rep["prototypes"] == {"reused": 40, "synthesized": 0, "seconds": rep["prototypes"]["seconds"]}
+    assert any("prototype bank: 40 of 40 cells reused, 0 to synthesize" in line for line in second["logs"])
+    assert rep["timings"]["prototypes_s"] < first["report"]["timings"]["prototypes_s"] / 10
+    assert second["seconds"] < first["seconds"] / 2
+
+
+# --- the console commands over the same registry ---
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_models_list_and_show(first, pipeline, tmp_path):
+    import json
+
+    r = _cli("models", "list")
+    assert r.exit_code == 0 and f"{NAME}: latest version 1 (candidate=v1, champion=v1)" in r.output, r.output
+    out = tmp_path / "show.json"
+    r = _cli("models", "show", f"{NAME}@champion", "--json", out)
+    assert r.exit_code == 0 and "request forget-star-1 by tests" in r.output, r.output
+    info = json.loads(out.read_text())
+    assert info["version"] == "1" and info["forget_cells"][0] == "star/photo" and "forget_after" in info["metrics"]
+    assert _cli("models", "show", f"{NAME}@nobody").exit_code == 2
+
+
+def test_cli_eval_of_the_champion(first, pipeline, tmp_path):
+    import json
+
+    data = tmp_path / "render"
+    assert _cli("toy", "render", "--out", data, "--per-cell", 3, "--seed", 6).exit_code == 0
+    out = tmp_path / "eval.json"
+    r = _cli("eval", "--model-uri", f"models:/{NAME}@champion", "--data", data, "--json", out)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    assert rep["model_uri"] == f"models:/{NAME}@champion" and len(rep["cells"]) == 40
+    star = [c["accuracy"] for c in rep["cells"] if c["class"] == "star"]
+    others = [c["accuracy"] for c in rep["cells"] if c["class"] != "star"]
+    assert np.mean(star) <= 0.25 and np.mean(others) >= 0.9
+
+
+def test_cli_unlearn_rerun_of_a_registered_request(first, pipeline, tmp_path):
+    s3 = pipeline["s3"]
+    out = tmp_path / "again.json"
+    r = _cli("unlearn", "--mode", "global", "--classes", "star", "--checkpoint", s3["checkpoint"], "--data", s3["eval"],
+             "--registered-name", NAME, "--request-id", "forget-star-1", "--json", out)
+    assert r.exit_code == 0, r.output
+    assert f"already registered {NAME} version 1" in r.output
+    assert [v["version"] for v in registry.show(NAME)["versions"]] == ["1"]
+
+
+def test_cli_unlearn_bad_request_fails_before_any_work(tmp_path):
+    out = tmp_path / "bad.json"
+    r = _cli("unlearn", "--mode", "global", "--classes", "dragon", "--json", out)
+    assert r.exit_code == 2 and "unknown class 'dragon'" in r.output
+    r = _cli("unlearn", "--mode", "global", "--classes", "star", "--request-id", "no spaces", "--json", out)
+    assert r.exit_code == 2 and "request_id" in r.output
+    assert not out.exists()
