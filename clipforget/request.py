@@ -40,6 +40,12 @@ class Thresholds(BaseModel):
     max_retain_drop: float | None = Field(default=None, ge=0, le=1, description="largest accuracy drop of any retain cell")
     mode_criteria: bool = Field(default=True, description="also apply the mode's acceptance criteria (criteria.py)")
 
+    @model_validator(mode="after")
+    def _some_check(self) -> Thresholds:
+        if not self.mode_criteria and self.max_forget_acc is None and self.max_retain_drop is None:
+            raise ValueError("without the mode's criteria give max_forget_acc or max_retain_drop: a gate needs a check")
+        return self
+
 
 class SynthesisSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")

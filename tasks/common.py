@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,14 @@ def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def file_cache_key(output: Callable[[dict], Path]) -> Callable[[Any, dict], str | None]:
-    """A Prefect cache_key_fn keyed by the output path a task would write (itself named by its inputs'
-    digests); no key — so the task runs — when that file is gone, so a cached result never points at nothing."""
+    """A Prefect cache_key_fn keyed by the output file a task writes (itself named by its inputs' digests).
+
+    The key is the file's absolute path, so a cached result always names that very file; and there is no
+    key (the task runs) when the file is gone, so a cached result never points at nothing."""
 
     def key(context: Any, parameters: dict) -> str | None:
-        path = output(parameters)
-        return f"{path.parent.name}-{path.stem}" if path.is_file() else None
+        path = output(parameters).resolve()
+        return hashlib.sha256(str(path).encode()).hexdigest() if path.is_file() else None
 
     return key
 

@@ -90,9 +90,15 @@ def test_transient_errors_are_retried_with_backoff_and_others_are_not():
 
 
 def test_s3_prefix_is_mirrored_once(s3, cache):
-    first = storage.fetch_tree(s3["eval"], cache=cache)
-    assert len(list(first.glob("*/*/*.png"))) == 40 * 20
-    assert (first / "sketch" / "house" / "0.png").is_file()
-    assert storage.fetch_tree(s3["eval"], cache=cache) == first
+    for key in ("sketch/house/0.png", "sketch/house/1.png", "photo/star/0.png"):
+        s3["client"].put_object(Bucket=s3["bucket"], Key=f"small/{key}", Body=key.encode())
+    uri = f"s3://{s3['bucket']}/small"
+    first = storage.fetch_tree(uri, cache=cache)
+    assert sorted(p.relative_to(first).as_posix() for p in first.glob("*/*/*.png")) == [
+        "photo/star/0.png", "sketch/house/0.png", "sketch/house/1.png"]
+    assert (first / "sketch" / "house" / "1.png").read_bytes() == b"sketch/house/1.png"
+    assert storage.fetch_tree(uri + "/", cache=cache) == first
+    s3["client"].put_object(Bucket=s3["bucket"], Key="small/photo/star/1.png", Body=b"new")
+    assert storage.fetch_tree(uri, cache=cache) != first  # a changed prefix is a new mirror
     with pytest.raises(storage.NotFoundError):
         storage.fetch_tree(f"s3://{s3['bucket']}/nothing/", cache=cache)
