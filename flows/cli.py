@@ -225,7 +225,8 @@ def _eval_registered(model_uri: str, data: Path | None, json_out: Path) -> None:
 
 @app.command("unlearn")
 def unlearn_cmd(
-    json_out: Path = typer.Option(..., "--json", help="Where to write the report."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the report here (it is always kept under the "
+                                  "cache: CLIPFORGET_CACHE/runs/REQUEST_ID/report.json)."),
     mode: str = typer.Option(..., "--mode", help="global, domain or domain_complete."),
     classes: str = typer.Option("", "--classes", help="Comma-separated classes to forget."),
     domains: str = typer.Option("", "--domains", help="Comma-separated domains."),
@@ -283,8 +284,11 @@ def unlearn_cmd(
     import os
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline by default; no telemetry
+    from clipforget.storage import cache_root
     from flows.unlearn import unlearn
 
+    json_out = json_out or cache_root() / "runs" / request.request_id / "report.json"
+    json_out.unlink(missing_ok=True)  # a report from an earlier run of this request must not pass for this one
     state = unlearn(request, str(json_out), return_state=True)
     if not json_out.is_file():
         typer.echo(f"error: the flow ended {state.type.value} before a report: {state.message}", err=True)
