@@ -13,6 +13,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.states import Failed
 
+from clipforget import registry
 from clipforget.atomic import write_json
 from clipforget.forget import HELDOUT_SEED_OFFSET
 from clipforget.grid import Grid, forget_cells, resolve_grid, retain_cells
@@ -22,7 +23,7 @@ from clipforget.steps import cell_names
 from tasks.common import work_root
 from tasks.fetch import fetch_checkpoint, fetch_eval_data
 from tasks.method import build_nullspace, fold_projection, generate_prompts, synthesize_prototypes
-from tasks.register import find_registered, register_model
+from tasks.register import find_registered, promote_model, register_model
 from tasks.validate import validate
 
 
@@ -62,8 +63,10 @@ def unlearn(request: UnlearnRequest, report_path: str | None = None):
         raise ValueError(f"request id {request.request_id!r} was registered for a different request "
                          f"({request.registered_name} version {existing['version']}); use a new request id")
     if existing is not None:
-        logger.info("request %s is already registered as %s version %s; nothing to do", request.request_id,
+        logger.info("request %s is already registered as %s version %s; nothing to register", request.request_id,
                     request.registered_name, existing["version"])
+        if request.promote and registry.CHAMPION not in existing["aliases"]:
+            existing = promote_model(request.registered_name, existing["version"])
         return done({"request_id": request.request_id, "passed": True, "reused": True,
                      "registered": {"name": request.registered_name, **existing}})
 

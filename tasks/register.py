@@ -58,3 +58,11 @@ def _grid(grid: dict):
     from clipforget.grid import Grid
 
     return Grid(grid["name"], tuple(grid["classes"]), tuple(grid["domains"]))
+
+
+@task(name="promote_model", retries=2, retry_delay_seconds=5)
+def promote_model(name: str, version: str) -> dict:
+    """Move the `champion` alias to this version."""
+    registry.promote(name, version)
+    get_run_logger().info("%s version %s is now the champion", name, version)
+    return registry.show(f"{name}/{version}")
