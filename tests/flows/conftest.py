@@ -130,6 +130,24 @@ def prefect_harness(pipeline_env):
 
 
 @pytest.fixture(scope="session")
-def pipeline(s3, mlflow_server, prefect_harness):
+def banked_retain_cells(pipeline_env, toy, prototype_bank):
+    """The prototype bank as an earlier request would have left it: every cell but `star`'s.
+
+    The core's session fixture synthesized all 40 cells with the default settings (those of the requests
+    below), seeded per (seed, cell, index); storing 36 of them is what a request that forgot another class
+    would have stored. A `star` request then synthesizes its 4 cells only, and the next one none.
+    """
+    from clipforget.bank import PrototypeBank
+    from clipforget.synthesis import Prototypes
+
+    keep = [i for i, c in enumerate(prototype_bank.cells) if c.cls != "star"]
+    retained = Prototypes(prototype_bank.embeddings[keep], [prototype_bank.cells[i] for i in keep],
+                          prototype_bank.cosines[keep], prototype_bank.steps_used[keep],
+                          prototype_bank.seconds * len(keep) / len(prototype_bank.cells), prototype_bank.config)
+    return PrototypeBank(pipeline_env / "cache" / "prototypes").put(toy.sha256, retained)
+
+
+@pytest.fixture(scope="session")
+def pipeline(s3, mlflow_server, prefect_harness, banked_retain_cells):
     """Everything the flow talks to, started."""
     return {"s3": s3, "mlflow": mlflow_server}
