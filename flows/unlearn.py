@@ -48,9 +48,10 @@ def unlearn(request: UnlearnRequest, report_path: str | None = None):
     run_dir = work_root() / "runs" / request.request_id
     assert request.registered_name is not None
 
-    def done(report: dict) -> dict:
+    def done(report: dict, keep: bool = True) -> dict:
+        """Write the report where asked, and (unless it only says "already registered") in the run folder."""
         report["timings"] = {**timings, "total_s": round(time.perf_counter() - t0, 3)}
-        for path in {run_dir / "report.json", *([Path(report_path)] if report_path else [])}:
+        for path in {*([run_dir / "report.json"] if keep else []), *([Path(report_path)] if report_path else [])}:
             write_json(path, report)
         return report
 
@@ -68,7 +69,7 @@ def unlearn(request: UnlearnRequest, report_path: str | None = None):
         if request.promote and registry.CHAMPION not in existing["aliases"]:
             existing = promote_model(request.registered_name, existing["version"])
         return done({"request_id": request.request_id, "passed": True, "reused": True,
-                     "registered": {"name": request.registered_name, **existing}})
+                     "registered": {"name": request.registered_name, **existing}}, keep=False)
 
     t = time.perf_counter()
     base = fetch_checkpoint(request.checkpoint_uri, request.checkpoint_sha256)
