@@ -225,8 +225,8 @@ def _eval_registered(model_uri: str, data: Path | None, json_out: Path) -> None:
 
 @app.command("unlearn")
 def unlearn_cmd(
-    json_out: Path = typer.Option(None, "--json", help="Also write the report here (it is always kept under the "
-                                  "cache: CLIPFORGET_CACHE/runs/REQUEST_ID/report.json)."),
+    json_out: Path = typer.Option(None, "--json", help="Where to write the report (default runs/unlearn-REQUEST_ID.json; "
+                                  "the approved or rejected run's is also kept in CLIPFORGET_CACHE/runs/REQUEST_ID/)."),
     mode: str = typer.Option(..., "--mode", help="global, domain or domain_complete."),
     classes: str = typer.Option("", "--classes", help="Comma-separated classes to forget."),
     domains: str = typer.Option("", "--domains", help="Comma-separated domains."),
@@ -284,10 +284,9 @@ def unlearn_cmd(
     import os
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline by default; no telemetry
-    from clipforget.storage import cache_root
     from flows.unlearn import unlearn
 
-    json_out = json_out or cache_root() / "runs" / request.request_id / "report.json"
+    json_out = json_out or Path("runs") / f"unlearn-{request.request_id}.json"
     json_out.unlink(missing_ok=True)  # a report from an earlier run of this request must not pass for this one
     state = unlearn(request, str(json_out), return_state=True)
     if not json_out.is_file():
