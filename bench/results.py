@@ -192,7 +192,8 @@ def render_markdown(r: dict) -> str:
         "",
         "Regenerate with `python bench/results.py --json runs/results.json --markdown docs/RESULTS.md` "
         f"(about {(r['seconds'] + r['prototypes']['seconds']) / 60:.0f} minutes on 2 CPU cores with an empty prototype "
-        "bank `runs/bank`, most of it prototype synthesis; under a minute once the bank holds them). Test render: seed {r['seed']}, "
+        "bank `runs/bank`, most of it prototype synthesis; under a minute once the bank holds them). "
+        f"Test render: seed {r['seed']}, "
         f"{r['per_cell']} images per cell (2,000 images), never used to choose a setting; settings per mode were "
         "chosen on two validation renders (seeds 1 and 5) with `python bench/results.py --tune`.",
         f"Prototypes: {r['synthesis']['prototypes_per_cell']} per cell, at most {r['synthesis']['steps']} steps, "
