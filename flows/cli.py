@@ -250,7 +250,8 @@ def unlearn_cmd(
     steps: int = STEPS,
     target_cosine: float = TARGET,
     seed: int = SEED,
-    heldout_per_cell: int = HELDOUT,
+    heldout_per_cell: int = typer.Option(10, "--heldout-per-cell", help="Held-out prototypes per cell for data-free "
+                                         "validation (10: one flipped image is a 0.10 drop)."),
     kind: str = typer.Option(None, "--projection", help="soft or hard (default per mode)."),
     source: str = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode)."),
 ) -> None:
