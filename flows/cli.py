@@ -122,7 +122,8 @@ def eval_cmd(
     data: Path = typer.Option(None, "--data", help="Labelled folder <domain>/<class>/*.png|jpg; without it, "
                               "data-free evaluation on held-out prototypes."),
     grid: str = GRID,
-    prototypes_per_cell: int = HELDOUT,
+    prototypes_per_cell: int = typer.Option(4, "--prototypes-per-cell", "--heldout-per-cell",
+                                            help="Held-out prototypes per cell for data-free evaluation."),
     steps: int = STEPS,
     target_cosine: float = TARGET,
     seed: int = SEED,
