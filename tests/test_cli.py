@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -28,8 +31,9 @@ def data(tmp_path_factory):
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("clipforget")
-    assert exe, "the clipforget console script is not on PATH"
+    # installed beside the interpreter running the tests (the venv's bin), whether or not that is on PATH
+    exe = shutil.which("clipforget", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    assert exe, "the clipforget console script is not installed"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
     for cmd in ("eval", "forget", "toy"):
         assert cmd in out
