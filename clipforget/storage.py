@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -219,8 +220,13 @@ def _list_s3(client: Any, bucket: str, prefix: str) -> Iterator[dict]:
 
 def _download(client: Any, bucket: str, key: str, target: Path, attempts: int, backoff: float,
               log: Callable[[str], None] | None) -> None:
-    with_retries(lambda: client.download_file(bucket, key, str(target)), f"s3://{bucket}/{key}: download", attempts,
-                 backoff, log)
+    def get() -> None:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        with open(target, "wb") as f:
+            while block := body.read(CHUNK):
+                f.write(block)
+
+    with_retries(get, f"s3://{bucket}/{key}: download", attempts, backoff, log)
 
 
 def fetch_tree(uri: str | Path, cache: Path | None = None, attempts: int = 4, backoff: float = 0.5,
@@ -250,10 +256,13 @@ def fetch_tree(uri: str | Path, cache: Path | None = None, attempts: int = 4, ba
     staging = dest.with_name(f".{digest}.{os.getpid()}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        for o in objects:
-            target = staging / o["Key"][len(prefix):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _download(client, loc.bucket, o["Key"], target, attempts, backoff, log)
+        targets = [staging / o["Key"][len(prefix):] for o in objects]
+        for parent in {t.parent for t in targets}:
+            parent.mkdir(parents=True, exist_ok=True)
+        # many small objects (an image folder): requests in flight at once, not one after another
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda ot: _download(client, loc.bucket, ot[0]["Key"], ot[1], attempts, backoff, log),
+                          zip(objects, targets, strict=True)))
         (staging / ".complete").write_text(listing + "\n")
         if dest.exists():  # another process finished first; theirs is as good as ours
             shutil.rmtree(staging)
