@@ -129,7 +129,7 @@ def run_forget(
     nullspace: NullspaceConfig,
     out: str | Path,
     data: str | Path | None = None,
-    heldout_per_cell: int = 4,
+    heldout_per_cell: int = 10,
     templates: TemplateSet | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> ForgetResult:

@@ -24,7 +24,9 @@ K = typer.Option(8, "--prototypes-per-cell", help="Synthesized prototypes per ce
 STEPS = typer.Option(300, "--steps", help="Synthesis steps (at most; images stop early at the target).")
 TARGET = typer.Option(None, "--target-cosine", help="Early-stop cosine (default 0.77 for the toy model, 0.30 else).")
 SEED = typer.Option(0, "--seed", help="Seed of prototype synthesis.")
-HELDOUT = typer.Option(4, "--heldout-per-cell", help="Held-out prototypes per cell for data-free evaluation.")
+TEMPLATES = typer.Option(None, "--templates", help='Prompt templates JSON: {"domains": {"sketch": ["a sketch of a {}.", '
+                         '...]}, "class_only": ["a {}."]} (default: the built-in domain-aware templates).')
+HELDOUT = typer.Option(10, "--heldout-per-cell", help="Held-out prototypes per cell for data-free evaluation.")
 
 
 class UserError(Exception):
@@ -61,6 +63,12 @@ def _grid(spec: str | None, model: str, data: Path | None) -> Any:
     if data is not None:
         return grid_of_folder(data)
     raise UserError("give --grid (pacs, domainnet or a JSON file) or --data for a model other than toy")
+
+
+def _templates(path: Path | None) -> Any:
+    from clipforget.prompts import TemplateSet
+
+    return TemplateSet.from_file(path) if path is not None else TemplateSet()
 
 
 def _progress(every: int = 50):
@@ -122,11 +130,12 @@ def eval_cmd(
     data: Path = typer.Option(None, "--data", help="Labelled folder <domain>/<class>/*.png|jpg; without it, "
                               "data-free evaluation on held-out prototypes."),
     grid: str = GRID,
-    prototypes_per_cell: int = typer.Option(4, "--prototypes-per-cell", "--heldout-per-cell",
+    prototypes_per_cell: int = typer.Option(10, "--prototypes-per-cell", "--heldout-per-cell",
                                             help="Held-out prototypes per cell for data-free evaluation."),
     steps: int = STEPS,
     target_cosine: float = TARGET,
     seed: int = SEED,
+    templates: Path = TEMPLATES,
     device: str = DEVICE,
     model_uri: str = typer.Option(None, "--model-uri", help="A registered model, e.g. models:/NAME@champion "
                                   "(MLflow pyfunc; needs --data)."),
@@ -140,15 +149,16 @@ def eval_cmd(
         return _eval_registered(model_uri, data, json_out)
     try:
         g = _grid(grid, model, data)
+        prompts = _templates(templates)
         loaded = _load(model, checkpoint, pretrained, device)
         if data is not None:
             images = LabelledImages.from_folder(data, loaded.preprocess, g)
         else:
             cfg = _synthesis(model, prototypes_per_cell, steps, target_cosine, seed)
-            images = heldout_images(loaded, g, cfg, prototypes_per_cell, progress=_progress())
+            images = heldout_images(loaded, g, cfg, prototypes_per_cell, prompts, progress=_progress())
     except _user_errors() as e:
         _fail(e)
-    report = ZeroShotClassifier(loaded.model, loaded.tokenizer, g).evaluate(
+    report = ZeroShotClassifier(loaded.model, loaded.tokenizer, g, prompts).evaluate(
         image_features(loaded.model, images.pixels), images.cells).to_dict()
     report.update({"model": model, "checkpoint": str(checkpoint) if checkpoint else loaded.checkpoint,
                    "sha256": loaded.sha256, "grid": g.name,
@@ -177,6 +187,7 @@ def forget_cmd(
     heldout_per_cell: int = HELDOUT,
     kind: str = typer.Option(None, "--projection", help="soft or hard (default per mode)."),
     source: str = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode)."),
+    templates: Path = TEMPLATES,
     device: str = DEVICE,
 ) -> None:
     """Run the core method without orchestration: write the unlearned checkpoint and a report."""
@@ -192,10 +203,11 @@ def forget_cmd(
         g = _grid(grid, model, data)
         forget_cells(g, mode, cls_list, dom_list)  # a bad request fails before the model loads
         ns = default_config(mode, kind=kind, source=source)
+        prompts = _templates(templates)
         loaded = _load(model, checkpoint, pretrained, device)
         result = run_forget(loaded, g, mode, cls_list, dom_list,
                             _synthesis(model, prototypes_per_cell, steps, target_cosine, seed), ns, out, data,
-                            heldout_per_cell, progress=_progress())
+                            heldout_per_cell, prompts, progress=_progress())
     except _user_errors() as e:
         _fail(e)
     write_json(json_out, result.report)

@@ -10,9 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from clipforget.evaluate import ZeroShotClassifier
+from clipforget.grid import resolve_grid
 from clipforget.models import load_model, sha256_file
+from clipforget.prompts import TemplateSet
 from flows.cli import app
 
 runner = CliRunner()
@@ -97,3 +101,25 @@ def test_data_free_eval(tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
     assert rep["data"].startswith("held-out prototypes") and len(rep["cells"]) == 40
+
+
+def test_user_templates(data, tmp_path):
+    good = tmp_path / "templates.json"
+    good.write_text(json.dumps({"domains": {d: [f"a {d} {{}}."] for d in ("photo", "painting", "cartoon", "sketch")},
+                                "class_only": ["a {}."]}))
+    default_out, user_out = tmp_path / "default.json", tmp_path / "user.json"
+    assert invoke("eval", "--model", "toy", "--data", data, "--json", default_out).exit_code == 0
+    assert invoke("eval", "--model", "toy", "--data", data, "--templates", good, "--json", user_out).exit_code == 0
+    assert json.loads(user_out.read_text())["accuracy"] > 0.5
+    # the user's prompts build the classifier, not the defaults
+    toy = load_model("toy")
+    grid = resolve_grid("toy")
+    default_rows = ZeroShotClassifier(toy.model, toy.tokenizer, grid).weights
+    user_rows = ZeroShotClassifier(toy.model, toy.tokenizer, grid, TemplateSet.from_file(good)).weights
+    assert not torch.allclose(default_rows, user_rows)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"domains": {"sketch": ["a sketch"]}}))
+    r = runner.invoke(app, ["eval", "--model", "toy", "--data", str(data), "--templates", str(bad),
+                            "--json", str(tmp_path / "x.json")])
+    assert r.exit_code == 2 and "exactly one '{}'" in r.output
+    assert not (tmp_path / "x.json").exists()
