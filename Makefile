@@ -13,8 +13,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/clipforget forget --model toy --mode global --classes star \
-		--out runs/toy-forget-star.safetensors --json runs/toy-forget-star.json
+	$(VENV)/bin/clipforget unlearn --model toy --mode global --classes star
 
 lint: install
 	$(VENV)/bin/ruff check .
