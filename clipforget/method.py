@@ -4,7 +4,7 @@ forget/retain sets → projection. Folding and evaluation live in `fold` and `ev
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
@@ -131,5 +131,3 @@ def fit_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: dict[Ce
     F, fw, R, rw = forget_retain_sets(forget, retain, text, protos, config)
     return build_projection(F, fw, R, rw, config)
 
-
-ProgressFn = Callable[[dict], None]
