@@ -25,6 +25,11 @@ from clipforget.synthesis import Prototypes, SynthesisConfig, synthesize
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out prototypes never share a seed with the forget set's
 
 
+def heldout_config(synthesis: SynthesisConfig, per_cell: int) -> SynthesisConfig:
+    """Synthesis settings of the held-out prototypes used for data-free validation."""
+    return replace(synthesis, seed=synthesis.seed + HELDOUT_SEED_OFFSET, prototypes_per_cell=per_cell)
+
+
 @dataclass(frozen=True)
 class Outcome:
     """Accuracy before/after over forget and retain cells, and the cell that suffered most."""
@@ -113,7 +118,7 @@ def heldout_images(loaded: LoadedModel, grid: Grid, synthesis: SynthesisConfig, 
                    templates: TemplateSet | None = None, progress: Callable[[dict], None] | None = None) -> LabelledImages:
     """Fresh prototypes (another seed) as images, for data-free validation."""
     text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates or TemplateSet(), grid.cells)
-    cfg = replace(synthesis, seed=synthesis.seed + HELDOUT_SEED_OFFSET, prototypes_per_cell=per_cell)
+    cfg = heldout_config(synthesis, per_cell)
     protos = synthesize(loaded.model, text_targets(text, grid.cells), grid.cells, cfg, progress, return_images=True)
     assert protos.images is not None
     return LabelledImages.from_arrays(protos.images, protos.cells, loaded.preprocess)

@@ -15,7 +15,7 @@ from prefect.states import Failed
 
 from clipforget import registry
 from clipforget.atomic import write_json
-from clipforget.forget import HELDOUT_SEED_OFFSET
+from clipforget.forget import heldout_config
 from clipforget.grid import Grid, forget_cells, resolve_grid, retain_cells
 from clipforget.method import default_config
 from clipforget.request import UnlearnRequest
@@ -114,8 +114,7 @@ def unlearn(request: UnlearnRequest, report_path: str | None = None):
     t = time.perf_counter()
     heldout = None
     if data_path is None:
-        heldout_cfg = {**asdict(synthesis), "seed": synthesis.seed + HELDOUT_SEED_OFFSET,
-                       "prototypes_per_cell": request.synthesis.heldout_per_cell}
+        heldout_cfg = asdict(heldout_config(synthesis, request.synthesis.heldout_per_cell))
         heldout = synthesize_prototypes(request.arch, base["path"], base["sha256"], text, cells, heldout_cfg,
                                         with_images=True)
     verdict = validate(request.request_id, request.arch, base, unlearned, grid_dict, request.mode,
