@@ -1,11 +1,13 @@
 """The request ledger: an append-only, hash-chained record of accepted deletion requests.
 
-One JSON file per entry, `<seq>-<request id>.json`, in a folder (S3 prefixes are the next step, issue 4).
-Each entry carries the sha256 of the previous one, so a changed, removed or reordered entry breaks the
-chain and `verify` names it. The head hash (the newest entry's) summarizes the whole history: a model
-version tagged with it can be rebuilt from the base checkpoint and the ledger up to that head.
-Request ids are unique; appending the same request again is a no-op, a different request under a used
-id is refused.
+One JSON object per entry, `<seq>.json` (8 digits), in a local folder or under an S3 prefix
+(`s3://bucket/prefix/`). Each entry carries the sha256 of the previous one, so a changed, removed or
+reordered entry breaks the chain and `verify` names it. The head hash (the newest entry's) summarizes the
+whole history: a model version tagged with it can be rebuilt from the base checkpoint and the ledger up to
+that head. Request ids are unique; appending the same request again is a no-op, a different request under
+a used id is refused. Appends never overwrite: a folder creates each entry exclusively (hard link of a
+whole temp file), S3 with a conditional write (`If-None-Match: *`), so two writers racing for the same
+sequence number cannot both win; the loser re-reads and appends after the winner.
 """
 
 from __future__ import annotations
@@ -13,17 +15,20 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import re
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipforget.atomic import write_text
 from clipforget.grid import Cell, Grid, forget_cells
+from clipforget.storage import Location, is_transient, s3_client, with_retries
 
 GENESIS = "0" * 64
-_NAME = re.compile(r"^(\d{8})-(.+)\.json$")
+_NAME = re.compile(r"^(\d{8})\.json$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -50,39 +55,131 @@ class Entry:
         return {**self.body(), "hash": self.hash}
 
 
+class FolderStore:
+    """Entries as files in a local folder; an entry appears whole (temp file + hard link) or not at all."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
+
+    def read(self, name: str) -> str:
+        return (self.root / name).read_text()
+
+    def create(self, name: str, text: str) -> bool:
+        """Write `name` unless it exists; False when another writer got there first."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, self.root / name)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.unlink(tmp)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one appender per machine at a time; create() guards the rest
+            yield
+
+
+class S3Store:
+    """Entries as objects under an S3 prefix; conditional writes (If-None-Match: *) never overwrite."""
+
+    def __init__(self, bucket: str, prefix: str) -> None:
+        self.bucket, self.prefix = bucket, prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        self._client: Any = None
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    def names(self) -> list[str]:
+        def run() -> list[str]:
+            out = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+                out += [o["Key"][len(self.prefix):] for o in page.get("Contents", [])]
+            return [n for n in out if "/" not in n]
+
+        return with_retries(run, f"{self}: list")
+
+    def read(self, name: str) -> str:
+        return with_retries(lambda: self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read(),
+                            f"{self}{name}: read").decode()
+
+    def create(self, name: str, text: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=text.encode(),
+                                   ContentType="application/json", IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                return False
+            if is_transient(e):
+                raise LedgerError(f"{self}: could not write entry {name}: {code}; nothing was appended") from e
+            raise
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        yield  # conditional writes serialize appenders
+
+
 class Ledger:
-    """A folder of hash-chained entries."""
+    """Hash-chained entries in a folder or under an S3 prefix (`s3://bucket/prefix/`)."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        loc = Location.parse(root)
+        self.store: FolderStore | S3Store = (S3Store(loc.bucket, loc.key) if loc.scheme == "s3"
+                                             else FolderStore(Path(loc.key)))
+        self.location = str(self.store)
 
-    def _files(self) -> list[tuple[int, Path]]:
-        if not self.root.is_dir():
-            return []
+    def _files(self) -> list[tuple[int, str]]:
         out = []
-        for p in self.root.iterdir():
-            m = _NAME.match(p.name)
+        for name in self.store.names():
+            m = _NAME.match(name)
             if m:
-                out.append((int(m.group(1)), p))
+                out.append((int(m.group(1)), name))
         return sorted(out)
 
     def entries(self) -> list[Entry]:
         """All entries, verified: raises LedgerError naming the first broken link."""
         entries, prev = [], GENESIS
-        for expected, (seq, path) in enumerate(self._files()):
+        for expected, (seq, name) in enumerate(self._files()):
             if seq != expected:
-                raise LedgerError(f"ledger entry {expected} is missing (next file is {path.name})")
+                raise LedgerError(f"ledger {self.location}: entry {expected} is missing (next entry is {name})")
             try:
-                data = json.loads(path.read_text())
+                data = json.loads(self.store.read(name))
                 entry = Entry(data["seq"], data["request_id"], data["request"], data["prev_hash"], data["hash"])
             except (ValueError, KeyError, TypeError) as e:
-                raise LedgerError(f"ledger entry {path.name} is unreadable: {e}") from e
-            if entry.seq != seq or not path.name.endswith(f"-{entry.request_id}.json"):
-                raise LedgerError(f"ledger entry {path.name} does not match its file name")
+                raise LedgerError(f"ledger {self.location}: entry {name} is unreadable: {e}") from e
+            if entry.seq != seq or name != f"{seq:08d}.json":
+                raise LedgerError(f"ledger {self.location}: entry {name} does not match its name")
             if entry.prev_hash != prev:
-                raise LedgerError(f"ledger entry {path.name} does not follow entry {seq - 1}: the chain is broken")
+                raise LedgerError(f"ledger {self.location}: entry {name} does not follow entry {seq - 1}: "
+                                  "the chain is broken")
             if _digest(entry.body()) != entry.hash:
-                raise LedgerError(f"ledger entry {path.name} was changed after it was written (hash mismatch)")
+                raise LedgerError(f"ledger {self.location}: entry {name} was changed after it was written "
+                                  "(hash mismatch)")
             entries.append(entry)
             prev = entry.hash
         return entries
@@ -92,6 +189,17 @@ class Ledger:
         entries = self.entries()
         return entries[-1].hash if entries else GENESIS
 
+    def up_to(self, head: str) -> list[Entry]:
+        """The entries up to and including the one whose hash is `head` (none for GENESIS)."""
+        entries = self.entries()
+        if head == GENESIS:
+            return []
+        for i, e in enumerate(entries):
+            if e.hash == head:
+                return entries[: i + 1]
+        raise LedgerError(f"ledger {self.location}: no entry has hash {head[:16]}…: entries were removed or changed "
+                          "since a model was built from it")
+
     def get(self, request_id: str) -> Entry | None:
         return next((e for e in self.entries() if e.request_id == request_id), None)
 
@@ -100,21 +208,22 @@ class Ledger:
         if not _SAFE_ID.match(request_id):
             raise LedgerError(f"request id {request_id!r} must be 1-128 of letters, digits, '.', '_' or '-'")
         request = json.loads(json.dumps(request, sort_keys=True))  # canonical JSON types, as it will be read back
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one appender at a time: sequence numbers never collide
-            entries = self.entries()
-            for e in entries:
-                if e.request_id == request_id:
-                    if e.request != request:
-                        raise LedgerError(f"request id {request_id!r} is already in the ledger with other content")
-                    return e, False
-            prev = entries[-1].hash if entries else GENESIS
-            draft = Entry(len(entries), request_id, request, prev, "")
-            entry = Entry(draft.seq, request_id, request, prev, _digest(draft.body()))
-            write_text(self.root / f"{entry.seq:08d}-{request_id}.json",
-                       json.dumps(entry.to_dict(), sort_keys=True, indent=1) + "\n")
-            return entry, True
+        with self.store.lock():
+            for _ in range(20):
+                entries = self.entries()
+                for e in entries:
+                    if e.request_id == request_id:
+                        if e.request != request:
+                            raise LedgerError(f"request id {request_id!r} is already in the ledger with other content")
+                        return e, False
+                prev = entries[-1].hash if entries else GENESIS
+                draft = Entry(len(entries), request_id, request, prev, "")
+                entry = Entry(draft.seq, request_id, request, prev, _digest(draft.body()))
+                if self.store.create(f"{entry.seq:08d}.json",
+                                     json.dumps(entry.to_dict(), sort_keys=True, indent=1) + "\n"):
+                    return entry, True
+                # another writer took sequence number `seq` meanwhile: re-read and append after it
+            raise LedgerError(f"ledger {self.location}: could not append {request_id!r}: too much contention")
 
 
 def cumulative_forget_cells(entries: Iterable[Entry], grid: Grid) -> list[Cell]:

@@ -38,7 +38,7 @@ def test_tampered_missing_and_reordered_entries_are_detected(tmp_path):
     data["request"]["classes"] = ["circle"]  # someone edits what was forgotten
     original = files[1].read_text()
     files[1].write_text(json.dumps(data))
-    with pytest.raises(LedgerError, match="00000001-req-1.json was changed"):
+    with pytest.raises(LedgerError, match="00000001.json was changed"):
         ledger.verify()
     files[1].write_text(original)
     assert ledger.verify() == ledger.entries()[-1].hash
@@ -64,3 +64,24 @@ def test_concurrent_appends_keep_one_chain(tmp_path):
         list(pool.map(lambda i: ledger.append(f"req-{i}", {**STAR, "n": i}), range(16)))
     entries = ledger.entries()
     assert [e.seq for e in entries] == list(range(16)) and len({e.request_id for e in entries}) == 16
+
+
+def test_an_entry_is_never_overwritten_even_without_the_lock(tmp_path):
+    """Two writers on different machines share no file lock: the exclusive create alone keeps one chain."""
+    from clipforget.ledger import FolderStore
+
+    store = FolderStore(tmp_path)
+    assert store.create("00000000.json", "first") and not store.create("00000000.json", "second")
+    assert store.read("00000000.json") == "first" and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_up_to_a_head_and_a_head_that_is_gone(tmp_path):
+    ledger = Ledger(tmp_path)
+    first, _ = ledger.append("req-1", STAR)
+    second, _ = ledger.append("req-2", HOUSE)
+    assert [e.request_id for e in ledger.up_to(first.hash)] == ["req-1"]
+    assert ledger.up_to(GENESIS) == [] and len(ledger.up_to(second.hash)) == 2
+    (tmp_path / "00000001.json").unlink()  # the newest entry is lost: only a recorded head can tell
+    assert ledger.verify() == first.hash
+    with pytest.raises(LedgerError, match="no entry has hash"):
+        ledger.up_to(second.hash)
