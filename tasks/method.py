@@ -6,15 +6,22 @@ small dicts, never tensors or models.
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 from pathlib import Path
+from typing import Any
 
+import torch
 from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
 
 from clipforget.bank import PrototypeBank, load_prototypes, synthesize_with_bank
 from clipforget.method import NullspaceConfig, text_targets
 from clipforget.prompts import TemplateSet
 from clipforget.steps import (
     build_projection_file,
+    cell_names,
     digest,
     fold_checkpoint,
     load_projection,
@@ -23,7 +30,9 @@ from clipforget.steps import (
     text_path,
     write_text_embeddings,
 )
-from clipforget.synthesis import SynthesisConfig
+from clipforget.synthesis import Prototypes, SynthesisConfig
+from clipforget.synthesis import synthesize as synthesize_images
+from tasks import runners
 from tasks.common import file_cache_key, loaded_model, work_root
 
 
@@ -76,6 +85,184 @@ def synthesize_prototypes(arch: str, checkpoint: str, sha256: str, text_file: st
                 len(report.synthesized), report.seconds)
     return {"paths": [str(p) for p in paths], "reused": len(report.hits), "synthesized": len(report.synthesized),
             "seconds": round(report.seconds, 3)}
+
+
+def _local_checkpoint(checkpoint: str, sha256: str) -> str:
+    """The checkpoint as a file on this machine: the path itself, or a URI fetched into this machine's cache."""
+    if Path(checkpoint).is_file():
+        return checkpoint
+    if "://" in checkpoint:
+        from clipforget.storage import fetch
+
+        return str(fetch(checkpoint, sha256).path)
+    raise FileNotFoundError(f"checkpoint {checkpoint} is not readable on {socket.gethostname()}: a synthesis worker "
+                            "needs the checkpoint at the same path (a shared volume) or an s3:// / file:// URI")
+
+
+@task(name="synthesize_chunk", tags=["gpu"], cache_policy=NONE, persist_result=False)
+def synthesize_chunk(arch: str, checkpoint: str, sha256: str, cells: list[str], targets: torch.Tensor,
+                     synthesis: dict, with_images: bool = False) -> dict:
+    """Prototypes of a chunk of cells, returned as data (not bank paths: a Ray worker on another machine
+    does not share the caller's disk; the caller puts them into its bank).
+
+    `targets` [len(cells), d] are the cells' text targets. Returns {cells, embeddings, cosines, steps_used,
+    images (uint8, or None), seconds, host, pid, device}.
+    """
+    logger = get_run_logger()
+    config = SynthesisConfig(**synthesis)
+    model = loaded_model(arch, _local_checkpoint(checkpoint, sha256), sha256).model
+    device = str(next(model.parameters()).device)
+    logger.info("synthesizing %d cells x %d prototypes on %s (%s, pid %d)", len(cells), config.prototypes_per_cell,
+                device, socket.gethostname(), os.getpid())
+    protos = synthesize_images(model, targets, parse_cells(cells), config, _progress_logger(max(1, config.steps // 6)),
+                               return_images=with_images)
+    return {"cells": list(cells), "embeddings": protos.embeddings, "cosines": protos.cosines,
+            "steps_used": protos.steps_used, "images": protos.images, "seconds": protos.seconds,
+            "host": socket.gethostname(), "pid": os.getpid(), "device": device}
+
+
+def _logger() -> Any:
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging import get_logger
+
+    return get_run_logger() if FlowRunContext.get() or TaskRunContext.get() else get_logger("clipforget.synthesis")
+
+
+def _missing(bank: PrototypeBank, sha256: str, cells: list[str], config: SynthesisConfig, with_images: bool) -> list:
+    return [c for c in dict.fromkeys(parse_cells(cells)) if not bank.has(sha256, c, config, with_images)]
+
+
+def _within(cells: list, subset: list) -> list:
+    keep = set(subset)
+    return [c for c in cells if c in keep]
+
+
+def synthesize(arch: str, checkpoint: str, sha256: str, text_file: str, cells: list[str], synthesis: dict,
+               with_images: bool = False, cells_per_task: int | None = None,
+               gpus_per_task: float | None = None) -> dict:
+    """Visual prototypes per cell from the prototype bank, the missing cells synthesized by the flow's task runner.
+
+    A plain function, not a task: called inside a flow, it submits one `synthesize_chunk` task per
+    `cells_per_task` missing cells (default `CLIPFORGET_CELLS_PER_TASK`, 8) to the flow's task runner. On a
+    `RayTaskRunner` all chunks run at once, each asking Ray for `gpus_per_task` GPUs (default
+    `CLIPFORGET_GPUS_PER_TASK`, else 1 when the cluster has GPUs); in-process they run one after another.
+    The chunks return their prototypes as data and this process puts them into its own bank, so workers
+    need no shared disk (only the checkpoint: same path, or a URI they can fetch). Synthesis is seeded per
+    (seed, cell, index) and the chunks depend on `cells_per_task` only, so any runner gives the same bits.
+    Nothing is submitted when the bank holds every cell. Outside a flow the chunks run in this process.
+
+    Returns {paths (one bank file per cell, in `cells` order), reused, synthesized, seconds}, like
+    `synthesize_prototypes`.
+    """
+    from prefect.context import FlowRunContext
+
+    t0 = time.perf_counter()
+    logger = _logger()
+    config = SynthesisConfig(**synthesis)
+    bank = PrototypeBank(work_root() / "prototypes")
+    wanted = parse_cells(cells)
+    missing = _missing(bank, sha256, cells, config, with_images)
+    if missing:
+        per_task = cells_per_task or runners.cells_per_task()
+        chunks = [missing[i : i + per_task] for i in range(0, len(missing), per_task)]
+        text = load_text(text_file)
+        ctx = FlowRunContext.get()
+        runner = ctx.task_runner if ctx is not None else None
+        on_ray = runners.is_ray(runner)
+        gpus = 0.0
+        if on_ray:
+            gpus = gpus_per_task if gpus_per_task is not None else runners.gpus_per_task(runners.ray_cluster_gpus())
+        logger.info("prototype bank: %d of %d cells reused, %d to synthesize in %d tasks of up to %d cells%s "
+                    "(%d prototypes/cell, %d steps, seed %d)", len(set(wanted)) - len(missing), len(set(wanted)),
+                    len(missing), len(chunks), per_task, f" on Ray, {gpus:g} GPU/task" if on_ray else " in-process",
+                    config.prototypes_per_cell, config.steps, config.seed)
+
+        def args(chunk: list) -> dict:
+            return {"arch": arch, "checkpoint": checkpoint, "sha256": sha256, "cells": cell_names(chunk),
+                    "targets": text_targets(text, chunk), "synthesis": synthesis, "with_images": with_images}
+
+        def store(i: int, out: dict) -> None:
+            protos = Prototypes(out["embeddings"], [c for c in parse_cells(out["cells"])
+                                                    for _ in range(config.prototypes_per_cell)],
+                                out["cosines"], out["steps_used"], out["seconds"], config, out["images"])
+            bank.put(sha256, protos, with_images)
+            logger.info("chunk %d/%d (%d cells) synthesized in %.1f s on %s, %s pid %d", i + 1, len(chunks),
+                        len(out["cells"]), out["seconds"], out["device"], out["host"], out["pid"])
+
+        errors: list[BaseException] = []
+        if ctx is None:
+            for i, chunk in enumerate(chunks):
+                store(i, synthesize_chunk(**args(chunk)))
+        elif on_ray:
+            from prefect_ray.context import remote_options
+
+            options = {"num_gpus": gpus} if gpus > 0 else {}
+            with remote_options(**options):
+                futures = [synthesize_chunk.submit(**args(chunk)) for chunk in chunks]
+            for i, future in enumerate(futures):  # keep every chunk that succeeded, then report the failures
+                try:
+                    store(i, future.result())
+                except Exception as e:
+                    errors.append(e)
+        else:
+            for i, chunk in enumerate(chunks):
+                store(i, synthesize_chunk.submit(**args(chunk)).result())
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {len(chunks)} synthesis tasks failed; the others' cells are "
+                               f"banked. First failure: {errors[0]!r}") from errors[0]
+    paths = [bank.path(sha256, c, config, with_images) for c in wanted]
+    seconds = time.perf_counter() - t0
+    if missing:
+        logger.info("prototype bank: synthesized %d cells in %.1f s", len(missing), seconds)
+    return {"paths": [str(p) for p in paths], "reused": len(wanted) - len(_within(wanted, missing)),
+            "synthesized": len(missing), "seconds": round(seconds, 3)}
+
+
+SYNTHESIS_DEPLOYMENT_ENV = "CLIPFORGET_SYNTHESIS_DEPLOYMENT"
+
+
+def synthesize_routed(arch: str, checkpoint: str, sha256: str, text_file: str, cells: list[str], synthesis: dict,
+                      with_images: bool = False, cells_per_task: int | None = None,
+                      gpus_per_task: float | None = None) -> dict:
+    """`synthesize`, with the missing cells sent to the gpu pool when `CLIPFORGET_SYNTHESIS_DEPLOYMENT` is set.
+
+    With the variable set (a deployment name such as `synthesize-prototypes/gpu`, of the flow in
+    flows/synthesize.py) and cells missing from the bank, this runs that deployment (as a subflow when
+    called from a flow) and waits for it; a run that does not complete raises. The gpu worker and this
+    process must share the cache volume `CLIPFORGET_CACHE`: the deployment reads the checkpoint and
+    `text_file` at the paths given here and writes the prototypes into the same bank, which this process
+    then reads. The chunking and GPUs per task are then the gpu worker's settings (its environment).
+    `synthesized` and `seconds` count the cells the deployment synthesized and the time it took.
+    Without the variable, or with every cell banked: `synthesize(...)` in this flow.
+    """
+    name = os.environ.get(SYNTHESIS_DEPLOYMENT_ENV)
+    config = SynthesisConfig(**synthesis)
+    bank = PrototypeBank(work_root() / "prototypes")
+    missing = _missing(bank, sha256, cells, config, with_images) if name else []
+    if not missing:
+        return synthesize(arch, checkpoint, sha256, text_file, cells, synthesis, with_images, cells_per_task,
+                          gpus_per_task)
+    from prefect.deployments import run_deployment
+
+    t0 = time.perf_counter()
+    logger = _logger()
+    logger.info("%d cells missing from the prototype bank: running deployment %s", len(missing), name)
+    parameters = {"arch": arch, "checkpoint": checkpoint, "sha256": sha256, "text_file": text_file,
+                  "cells": list(cells), "synthesis": synthesis, "with_images": with_images}
+    run = run_deployment(name, parameters=parameters, timeout=None)
+    state = run.state
+    if state is None or not state.is_completed():
+        raise RuntimeError(f"prototype synthesis deployment {name}: flow run {run.name} ({run.id}) ended "
+                           f"{state.type.value if state else 'without a state'}"
+                           f"{': ' + state.message if state and state.message else ''}")
+    still = _missing(bank, sha256, cells, config, with_images)
+    if still:
+        raise RuntimeError(f"deployment {name} completed (flow run {run.name}) but the prototype bank at {bank.root} "
+                           f"still lacks {len(still)} cells: the gpu worker and this process must share "
+                           "CLIPFORGET_CACHE (the same volume at the same path)")
+    out = synthesize(arch, checkpoint, sha256, text_file, cells, synthesis, with_images)
+    return {**out, "reused": len(cells) - len(_within(parse_cells(cells), missing)), "synthesized": len(missing),
+            "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _projection_file(p: dict) -> Path:

@@ -1,0 +1,156 @@
+"""Prototype synthesis fanned out on a local Ray instance (prefect-ray) gives the in-process bits; a full
+bank submits nothing; routing to the gpu pool's deployment fills the shared bank or fails clearly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from clipforget.bank import load_prototypes
+from clipforget.grid import Cell
+from clipforget.models import TOY_WEIGHTS
+from clipforget.steps import save_text
+from clipforget.synthesis import SynthesisConfig
+from tasks.method import synthesize, synthesize_routed
+from tasks.runners import task_runner
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+CELLS = ["star/sketch", "heart/photo", "tree/cartoon", "circle/painting"]
+SMALL = SynthesisConfig(prototypes_per_cell=2, steps=30, check_every=10)
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@flow(name="test-fill-bank")
+def fill_twice(arch: str, checkpoint: str, sha256: str, text_file: str, cells: list[str], synthesis: dict,
+               cells_per_task: int) -> dict:
+    import ray
+
+    first = synthesize(arch, checkpoint, sha256, text_file, cells, synthesis, with_images=True,
+                       cells_per_task=cells_per_task)
+    second = synthesize(arch, checkpoint, sha256, text_file, cells, synthesis, with_images=True,
+                        cells_per_task=cells_per_task)
+    return {"first": first, "second": second, "ray": ray.is_initialized()}
+
+
+@pytest.fixture
+def inputs(prefect_harness, toy, text_bank, tmp_path):
+    text_file = save_text({Cell(*c.split("/")): text_bank[Cell(*c.split("/"))] for c in CELLS},
+                          tmp_path / "text.safetensors")
+    return {"arch": "toy", "checkpoint": str(TOY_WEIGHTS), "sha256": toy.sha256, "text_file": str(text_file),
+            "cells": CELLS, "synthesis": asdict(SMALL)}
+
+
+def _run(runner, inputs: dict, cache: Path, monkeypatch) -> dict:
+    monkeypatch.setenv("CLIPFORGET_CACHE", str(cache))
+    handler = _Lines()
+    logger = logging.getLogger("prefect.flow_runs")
+    logger.addHandler(handler)
+    t0 = time.perf_counter()
+    try:
+        state = fill_twice.with_options(task_runner=runner)(**inputs, cells_per_task=2, return_state=True)
+    finally:
+        logger.removeHandler(handler)
+    out = state.result()
+    with get_client(sync_client=True) as client:
+        ids = FlowRunFilterId(any_=[state.state_details.flow_run_id])
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=ids))
+    chunk_lines = [line for line in handler.lines if line.startswith("chunk ")]
+    return {**out, "seconds": time.perf_counter() - t0, "task_runs": [r.name.rsplit("-", 1)[0] for r in runs],
+            "pids": {int(line.rsplit("pid ", 1)[1]) for line in chunk_lines}, "chunk_lines": chunk_lines}
+
+
+def test_ray_fan_out_gives_the_in_process_bits_and_a_full_bank_submits_nothing(inputs, tmp_path, monkeypatch):
+    import ray
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same as the Ray workers (OMP_NUM_THREADS=1), so the same kernels' reductions
+    try:
+        local = _run(ThreadPoolTaskRunner(), inputs, tmp_path / "local", monkeypatch)
+        init = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False,
+                "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}}}
+        remote = _run(task_runner("local", init_kwargs=init), inputs, tmp_path / "ray", monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+        if ray.is_initialized():
+            ray.shutdown()
+    print(f"\nin-process {local['seconds']:.1f} s, Ray {remote['seconds']:.1f} s")
+    assert not ray.is_initialized()  # the runner started Ray for the flow run and shut it down after
+
+    for run, cache in ((local, tmp_path / "local"), (remote, tmp_path / "ray")):
+        assert run["first"]["synthesized"] == 4 and run["first"]["reused"] == 0
+        assert run["second"] == {**run["second"], "synthesized": 0, "reused": 4, "paths": run["first"]["paths"]}
+        assert all(Path(p).is_file() and Path(p).is_relative_to(cache) for p in run["first"]["paths"])
+        # two chunks of two cells in the first call, nothing submitted in the second
+        assert run["task_runs"].count("synthesize_chunk") == 2 and len(run["task_runs"]) == 2
+        assert len(run["chunk_lines"]) == 2
+    assert remote["ray"] and not local["ray"]
+    assert local["pids"] == {os.getpid()}
+    assert os.getpid() not in remote["pids"] and len(remote["pids"]) >= 1  # Ray worker processes
+
+    a = load_prototypes(local["first"]["paths"], SMALL)
+    b = load_prototypes(remote["first"]["paths"], SMALL)
+    assert a.cells == b.cells == [Cell(*c.split("/")) for c in CELLS for _ in range(2)]
+    assert a.images is not None and b.images is not None and a.images.shape == (8, 64, 64, 3)
+    for name in ("embeddings", "cosines", "steps_used", "images"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_routed_synthesis_runs_the_gpu_deployment_only_for_missing_cells(inputs, tmp_path, monkeypatch):
+    import prefect.deployments
+
+    from flows.synthesize import synthesize_prototypes_flow
+
+    tiny = {**inputs, "cells": CELLS[:2], "synthesis": {**inputs["synthesis"], "steps": 4, "check_every": 2}}
+    calls: list[dict] = []
+
+    def deployment(behaviour: str):
+        def run_deployment(name, parameters=None, timeout=None, **kw):
+            calls.append({"name": name, "timeout": timeout, **parameters})
+            if behaviour == "fill":
+                synthesize_prototypes_flow(**parameters)  # what the gpu worker does, on the shared cache
+            return SimpleNamespace(name="gpu-run", id="0", state=Failed(message="no GPU") if behaviour == "fail"
+                                   else Completed())
+        return run_deployment
+
+    @flow(name="test-routed")
+    def routed(**kw) -> dict:
+        return synthesize_routed(**kw)
+
+    monkeypatch.setenv("CLIPFORGET_CACHE", str(tmp_path / "shared"))
+    monkeypatch.setenv("CLIPFORGET_SYNTHESIS_DEPLOYMENT", "synthesize-prototypes/gpu")
+
+    monkeypatch.setattr(prefect.deployments, "run_deployment", deployment("fail"))
+    with pytest.raises(RuntimeError, match="synthesize-prototypes/gpu.*FAILED.*no GPU"):
+        routed(**tiny)
+    monkeypatch.setattr(prefect.deployments, "run_deployment", deployment("nothing"))
+    with pytest.raises(RuntimeError, match="share CLIPFORGET_CACHE"):
+        routed(**tiny)
+
+    monkeypatch.setattr(prefect.deployments, "run_deployment", deployment("fill"))
+    out = routed(**tiny)
+    assert out["synthesized"] == 2 and out["reused"] == 0 and all(Path(p).is_file() for p in out["paths"])
+    assert calls[-1] == {"name": "synthesize-prototypes/gpu", "timeout": None, **tiny, "with_images": False}
+    again = routed(**tiny)  # every cell banked: no deployment run
+    assert len(calls) == 3 and again["synthesized"] == 0 and again["paths"] == out["paths"]
