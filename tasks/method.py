@@ -1,7 +1,9 @@
 """Steps 2-5 of the method as Prefect tasks: text embeddings, prototypes, projection, fold.
 
 Thin wrappers over `clipforget.steps` and `clipforget.bank`: they take and return paths, digests and
-small dicts, never tensors or models.
+small dicts, never models. One exception: `synthesize_chunk` returns its prototypes' tensors, because
+on Ray it runs on workers that need not share the caller's disk (`synthesize` banks them on the caller's
+side; `synthesize_routed` sends the work to the gpu pool's deployment instead when one is configured).
 """
 
 from __future__ import annotations
@@ -244,12 +246,13 @@ def synthesize_routed(arch: str, checkpoint: str, sha256: str, text_file: str, c
                           gpus_per_task)
     from prefect.deployments import run_deployment
 
+    assert name is not None
     t0 = time.perf_counter()
     logger = _logger()
     logger.info("%d cells missing from the prototype bank: running deployment %s", len(missing), name)
     parameters = {"arch": arch, "checkpoint": checkpoint, "sha256": sha256, "text_file": text_file,
                   "cells": list(cells), "synthesis": synthesis, "with_images": with_images}
-    run = run_deployment(name, parameters=parameters, timeout=None)
+    run: Any = run_deployment(name, parameters=parameters, timeout=None)  # a FlowRun (sync context)
     state = run.state
     if state is None or not state.is_completed():
         raise RuntimeError(f"prototype synthesis deployment {name}: flow run {run.name} ({run.id}) ended "

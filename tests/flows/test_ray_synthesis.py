@@ -74,10 +74,12 @@ def _run(runner, inputs: dict, cache: Path, monkeypatch) -> dict:
         logger.removeHandler(handler)
     out = state.result()
     with get_client(sync_client=True) as client:
+        assert state.state_details.flow_run_id is not None
         ids = FlowRunFilterId(any_=[state.state_details.flow_run_id])
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=ids))
     chunk_lines = [line for line in handler.lines if line.startswith("chunk ")]
-    return {**out, "seconds": time.perf_counter() - t0, "task_runs": [r.name.rsplit("-", 1)[0] for r in runs],
+    return {**out, "plan": [line for line in handler.lines if " tasks of up to " in line],
+            "seconds": time.perf_counter() - t0, "task_runs": [r.name.rsplit("-", 1)[0] for r in runs],
             "pids": {int(line.rsplit("pid ", 1)[1]) for line in chunk_lines}, "chunk_lines": chunk_lines}
 
 
@@ -88,7 +90,9 @@ def test_ray_fan_out_gives_the_in_process_bits_and_a_full_bank_submits_nothing(i
     torch.set_num_threads(1)  # the same as the Ray workers (OMP_NUM_THREADS=1), so the same kernels' reductions
     try:
         local = _run(ThreadPoolTaskRunner(), inputs, tmp_path / "local", monkeypatch)
-        init = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False,
+        # one declared (not real) GPU: each chunk asks Ray for half of it, so both chunks still run at once
+        monkeypatch.setenv("CLIPFORGET_GPUS_PER_TASK", "0.5")
+        init = {"num_cpus": 2, "num_gpus": 1, "include_dashboard": False, "log_to_driver": False,
                 "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}}}
         remote = _run(task_runner("local", init_kwargs=init), inputs, tmp_path / "ray", monkeypatch)
     finally:
@@ -106,6 +110,7 @@ def test_ray_fan_out_gives_the_in_process_bits_and_a_full_bank_submits_nothing(i
         assert run["task_runs"].count("synthesize_chunk") == 2 and len(run["task_runs"]) == 2
         assert len(run["chunk_lines"]) == 2
     assert remote["ray"] and not local["ray"]
+    assert "on Ray, 0.5 GPU/task" in remote["plan"][0] and "in-process" in local["plan"][0]
     assert local["pids"] == {os.getpid()}
     assert os.getpid() not in remote["pids"] and len(remote["pids"]) >= 1  # Ray worker processes
 

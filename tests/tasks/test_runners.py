@@ -1,0 +1,35 @@
+"""Which task runner the flows get, and the synthesis fan-out settings, from the environment."""
+
+from __future__ import annotations
+
+import pytest
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks import runners
+
+
+def test_in_process_by_default_and_ray_when_an_address_is_set(monkeypatch):
+    from prefect_ray import RayTaskRunner
+
+    monkeypatch.delenv(runners.RAY_ADDRESS_ENV, raising=False)
+    assert isinstance(runners.task_runner(), ThreadPoolTaskRunner) and not runners.is_ray(runners.task_runner())
+    monkeypatch.setenv(runners.RAY_ADDRESS_ENV, "local")
+    local = runners.task_runner(init_kwargs={"num_cpus": 1})
+    assert isinstance(local, RayTaskRunner) and local.address is None and local.init_kwargs["num_cpus"] == 1
+    assert runners.is_ray(local)
+    monkeypatch.setenv(runners.RAY_ADDRESS_ENV, "ray://head:10001")
+    assert runners.task_runner().address == "ray://head:10001"
+    assert runners.task_runner(address="auto").address == "auto"
+
+
+def test_cells_and_gpus_per_task(monkeypatch):
+    monkeypatch.delenv(runners.CELLS_ENV, raising=False)
+    monkeypatch.delenv(runners.GPUS_ENV, raising=False)
+    assert runners.cells_per_task() == 8
+    assert runners.gpus_per_task(0) == 0 and runners.gpus_per_task(4) == 1  # 1 GPU per task when the cluster has any
+    monkeypatch.setenv(runners.CELLS_ENV, "3")
+    monkeypatch.setenv(runners.GPUS_ENV, "0.5")
+    assert runners.cells_per_task() == 3 and runners.gpus_per_task(0) == 0.5 and runners.gpus_per_task(8) == 0.5
+    monkeypatch.setenv(runners.CELLS_ENV, "0")
+    with pytest.raises(ValueError, match=runners.CELLS_ENV):
+        runners.cells_per_task()
