@@ -45,6 +45,9 @@ class Service:
         return f"--- {self.name} log ({self.log_path}), last {chars} characters ---\n{text[-chars:]}"
 
     def stop(self) -> None:
+        """Stop the process group, and any descendant that left it: a process worker starts each flow run in a
+        session of its own, which must not outlive the test (e.g. after a timeout)."""
+        strays = _descendants(self.proc.pid)
         if self.proc.poll() is None:
             for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
                 try:
@@ -56,7 +59,29 @@ class Service:
                     break
                 except subprocess.TimeoutExpired:
                     continue
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self._log.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc; empty elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 class PrefectStack:
