@@ -86,6 +86,13 @@ class EvalReport:
         vals = [by[c].accuracy for c in cells if c in by]
         return float(np.mean(vals)) if vals else float("nan")
 
+    def without(self, cells: Iterable[Cell]) -> EvalReport:
+        """The report over every measured cell but these (overall accuracy re-weighted by image counts)."""
+        drop = set(cells)
+        kept = [s for s in self.cells if s.cell not in drop]
+        n = sum(s.n for s in kept)
+        return EvalReport(sum(s.accuracy * s.n for s in kept) / n if n else float("nan"), kept)
+
     def to_dict(self) -> dict:
         return {"accuracy": self.accuracy, "cells": [s.to_dict() for s in self.cells]}
 

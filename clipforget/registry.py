@@ -36,6 +36,11 @@ TAG_SHA256 = "clipforget.sha256"  # of the unlearned checkpoint
 TAG_ARCH = "clipforget.arch"
 TAG_GRID = "clipforget.grid"
 TAG_METRIC_PREFIX = "clipforget.metric."
+# versions built from a deletion-request ledger
+TAG_LEDGER = "clipforget.ledger"  # where the ledger lives (folder or s3:// prefix)
+TAG_LEDGER_HEAD = "clipforget.ledger_head"  # hash of the newest entry the version covers
+TAG_LEDGER_SEQ = "clipforget.ledger_seq"  # its sequence number
+TAG_REQUEST_IDS = "clipforget.request_ids"  # every request id the version covers, comma-separated
 MAX_TAG_VALUE = 5000  # MLflow's limit on a tag value
 
 
@@ -223,6 +228,8 @@ def _version_dict(mv: Any) -> dict:
         "forget_cells": (tags.get(TAG_FORGET_CELLS) or "").split(",") if tags.get(TAG_FORGET_CELLS) else [],
         "base_sha256": tags.get(TAG_BASE_SHA256),
         "sha256": tags.get(TAG_SHA256),
+        "ledger_head": tags.get(TAG_LEDGER_HEAD),
+        "request_ids": (tags.get(TAG_REQUEST_IDS) or "").split(",") if tags.get(TAG_REQUEST_IDS) else [],
         "metrics": {k[len(TAG_METRIC_PREFIX):]: float(v) for k, v in tags.items() if k.startswith(TAG_METRIC_PREFIX)},
         "tags": tags,
     }
@@ -282,3 +289,63 @@ def classify_folder(pyfunc: Any, root: str | Path, batch_size: int = 256) -> tup
         frame = pd.DataFrame({"image": [p.read_bytes() for p, _ in items[i : i + batch_size]]})
         labels += list(pyfunc.predict(frame)["label"])
     return labels, [c for _, c in items]
+
+
+def champion(name: str, uri: str | None = None) -> dict | None:
+    """The version holding the `champion` alias, or None when there is none (or no such model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return show(f"{name}@{CHAMPION}", uri)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def versions(name: str, uri: str | None = None) -> list[dict]:
+    """Every version of `name` with its tags, oldest first ([] when the model is not registered)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return show(name, uri)["versions"]
+    except MlflowException as e:
+        if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise
+
+
+def download_weights(name: str, version: str, dst: Path, uri: str | None = None) -> Path:
+    """The registered version's unlearned checkpoint, downloaded from the artifact store into `dst`."""
+    import mlflow
+    import yaml
+
+    mlflow.set_tracking_uri(uri or tracking_uri())
+    mlflow.set_registry_uri(uri or tracking_uri())
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
+    spec = yaml.safe_load((root / "MLmodel").read_text())
+    return root / spec["flavors"]["python_function"]["artifacts"]["weights"]["path"]
+
+
+GOVERNANCE_EXPERIMENT = "clipforget-governance"
+
+
+def log_governance(report: Mapping[str, Any], markdown: str, plot: Path | None, uri: str | None = None) -> str:
+    """An MLflow run in the `clipforget-governance` experiment holding the compliance report; its run id."""
+    import mlflow
+
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(GOVERNANCE_EXPERIMENT)
+    champ = report.get("champion") or {}
+    tags = {"clipforget.kind": "governance", "clipforget.registered_name": str(report["registered_name"]),
+            "clipforget.compliant": str(bool(report["passed"])).lower(),
+            TAG_LEDGER_HEAD: str(report["ledger"].get("head") or ""),
+            "clipforget.champion_version": str(champ.get("version") or "")}
+    with mlflow.start_run(run_name=f"governance-{report['registered_name']}", tags=tags) as run:
+        mlflow.log_text(markdown, "governance/report.md")
+        mlflow.log_dict(dict(report), "governance/report.json")
+        if plot is not None:
+            mlflow.log_artifact(str(plot), "governance")
+        mlflow.log_metrics({"findings": float(len(report["findings"])), "compliant": float(bool(report["passed"]))})
+        return str(run.info.run_id)

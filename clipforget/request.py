@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from clipforget.criteria import Check, mode_checks
 from clipforget.evaluate import EvalReport
 from clipforget.forget import Outcome
-from clipforget.grid import Cell
+from clipforget.grid import Cell, Grid, forget_cells
 from clipforget.synthesis import SynthesisConfig
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -65,16 +66,15 @@ class SynthesisSettings(BaseModel):
                                seed=self.seed)
 
 
-class UnlearnRequest(BaseModel):
-    """What to forget, from which checkpoint, how strictly, and where the approved model goes."""
+class ModelPolicy(BaseModel):
+    """A model lineage: the base checkpoint, how each unlearned version is built and judged, and its registry name.
+
+    A deletion-request ledger governs one policy: every version is built from this base checkpoint with
+    these settings, so any version can be rebuilt from the policy and the ledger head.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    request_id: str = Field(default="", description="idempotency key; default: a digest of the request's content")
-    requested_by: str = Field(default_factory=_default_user)
-    mode: Literal["global", "domain", "domain_complete"]
-    classes: list[str] = []
-    domains: list[str] = []
     arch: str = "toy"
     checkpoint_uri: str | None = Field(default=None, description="s3://, file:// or a path; default: bundled toy weights")
     checkpoint_sha256: str | None = None
@@ -87,7 +87,6 @@ class UnlearnRequest(BaseModel):
     projection: Literal["soft", "hard"] | None = None
     source: Literal["text", "prototypes", "multimodal"] | None = None
     registered_name: str | None = Field(default=None, description="MLflow registered model name; default clipforget-<arch>")
-    promote: bool = Field(default=False, description="also move the `champion` alias to the approved version")
 
     @field_validator("checkpoint_sha256")
     @classmethod
@@ -100,13 +99,55 @@ class UnlearnRequest(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _name(self) -> ModelPolicy:
+        if self.registered_name is None:
+            self.registered_name = f"clipforget-{self.arch}"
+        return self
+
+    def policy_digest(self) -> str:
+        """A digest of everything in the policy that decides a built model."""
+        return hashlib.sha256(json.dumps(self.model_dump(exclude={"registered_name"}), sort_keys=True).encode()).hexdigest()
+
+
+Mode = Literal["global", "domain", "domain_complete"]
+
+
+class DeletionRequest(BaseModel):
+    """A data-deletion request as the ledger records it: who asked, why, and what to forget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(pattern=ID_PATTERN, description="unique id; submitting the same id again is a no-op")
+    requested_by: str = Field(default_factory=_default_user)
+    reason: str = ""
+    mode: Mode
+    classes: list[str] = []
+    domains: list[str] = []
+
+    def ledger_record(self) -> dict:
+        return self.model_dump()
+
+    def cells(self, grid: Grid) -> list[Cell]:
+        """The forget cells on a grid; raises ValueError naming what does not fit (unknown names, bad mode use)."""
+        return forget_cells(grid, self.mode, self.classes, self.domains)
+
+
+class UnlearnRequest(ModelPolicy):
+    """One forget request against a checkpoint: what to forget, how strictly, and where the approved model goes."""
+
+    request_id: str = Field(default="", description="idempotency key; default: a digest of the request's content")
+    requested_by: str = Field(default_factory=_default_user)
+    mode: Mode
+    classes: list[str] = []
+    domains: list[str] = []
+    promote: bool = Field(default=False, description="also move the `champion` alias to the approved version")
+
+    @model_validator(mode="after")
     def _ids(self) -> UnlearnRequest:
         if not self.request_id:
             self.request_id = f"req-{self.content_digest()[:16]}"
         if not re.match(ID_PATTERN, self.request_id):
             raise ValueError(f"request_id {self.request_id!r} must match {ID_PATTERN}")
-        if self.registered_name is None:
-            self.registered_name = f"clipforget-{self.arch}"
         return self
 
     def content_digest(self) -> str:
@@ -114,11 +155,50 @@ class UnlearnRequest(BaseModel):
         data = self.model_dump(exclude={"request_id", "requested_by", "promote"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
+    def policy(self) -> ModelPolicy:
+        return ModelPolicy(**self.model_dump(include=set(ModelPolicy.model_fields)))
 
-def gate_checks(mode: str, before: EvalReport, after: EvalReport, forget: Sequence[Cell],
+
+@dataclass(frozen=True)
+class ForgetGroup:
+    """The cells one request (or one mode of a cumulative ledger build) forgets, judged by that mode's criteria."""
+
+    mode: str
+    cells: tuple[Cell, ...]
+
+
+def group_checks(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalReport) -> list[Check]:
+    """The mode criteria of each group. With several modes, each mode is judged on its own forget cells
+    against the cells no request forgets (a cell another mode forgot is neither its forget nor its retain)."""
+    by_mode: dict[str, list[Cell]] = {}
+    for g in groups:
+        by_mode.setdefault(g.mode, [])
+        by_mode[g.mode] += [c for c in g.cells if c not in by_mode[g.mode]]
+    if len(by_mode) == 1:
+        mode, cells = next(iter(by_mode.items()))
+        return list(mode_checks(mode, before, after, cells))
+    checks = []
+    for mode, cells in by_mode.items():
+        others = {c for m, cs in by_mode.items() if m != mode for c in cs} - set(cells)
+        b, a = before.without(others), after.without(others)
+        checks += [Check(f"[{mode}] {c.name}", c.value, c.limit) for c in mode_checks(mode, b, a, cells)]
+    return checks
+
+
+def cumulative_mode(modes: Sequence[str]) -> str:
+    """The mode whose default projection settings build a cumulative set: one mode is itself; a mix takes
+    the most protective of partially-forgotten classes (domain_complete, then domain, then global)."""
+    for m in ("domain_complete", "domain", "global"):
+        if m in modes:
+            return m
+    raise ValueError(f"no known mode in {list(modes)}")
+
+
+def gate_checks(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalReport,
                 thresholds: Thresholds) -> list[Check]:
     """Every check the unlearned model must pass to be registered."""
-    checks = list(mode_checks(mode, before, after, forget)) if thresholds.mode_criteria else []
+    checks = group_checks(groups, before, after) if thresholds.mode_criteria else []
+    forget = list(dict.fromkeys(c for g in groups for c in g.cells))
     outcome = Outcome.measure(before, after, forget)
     if thresholds.max_forget_acc is not None:
         checks.append(Check("request: max forget-cell accuracy", outcome.forget_max_after, thresholds.max_forget_acc))

@@ -366,6 +366,221 @@ def models_show(
                    f"{v['mode']} forgetting {', '.join(v['forget_cells'])}; base {str(v['base_sha256'])[:12]}; {metrics}")
 
 
+request_app = typer.Typer(no_args_is_help=True, help="Data-deletion requests and their ledger.")
+app.add_typer(request_app, name="request")
+LEDGER = typer.Option(None, "--ledger", help="Ledger folder or s3://bucket/prefix/ (default: CLIPFORGET_LEDGER, "
+                      "else ./ledger).")
+POLICY = typer.Option(None, "--policy", help="Model policy JSON: base checkpoint, grid, data, thresholds, synthesis, "
+                      "registered name (default: the bundled toy model, data-free validation, clipforget-toy).")
+
+
+def _validation_message(e: Any) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'request'}: {err['msg']}" for err in e.errors())
+
+
+def _load_model_json(cls: Any, path: Path | None, what: str) -> Any:
+    import pydantic
+
+    if path is None:
+        return cls()
+    try:
+        return cls.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        _fail(FileNotFoundError(f"{what} file {path} does not exist"))
+    except pydantic.ValidationError as e:
+        _fail(ValueError(f"{path}: {_validation_message(e)}"))
+
+
+def _offline_prefect() -> None:
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline by default; no telemetry
+
+
+def _report_of(json_out: Path, state: Any) -> dict:
+    if not json_out.is_file():
+        typer.echo(f"error: the flow ended {state.type.value} before a report: {state.message}", err=True)
+        raise typer.Exit(1)
+    return json.loads(json_out.read_text())
+
+
+@request_app.command("submit")
+def request_submit(
+    file: Path = typer.Argument(..., help='Request JSON: {"request_id": "dsr-1", "requested_by": "...", "reason": "...", '
+                                '"mode": "global", "classes": ["star"], "domains": []}.'),
+    policy_file: Path = POLICY,
+    ledger: str = LEDGER,
+    promote: bool = typer.Option(False, "--promote", help="Move the `champion` alias to the approved version."),
+    no_build: bool = typer.Option(False, "--no-build", help="Only append to the ledger; the next governance run "
+                                  "builds every pending request in one batch."),
+    deployment: str = typer.Option(None, "--deployment", help="Run through a Prefect deployment (e.g. "
+                                   "deletion-request/on-demand) instead of in this process; prints the flow run id."),
+    json_out: Path = typer.Option(None, "--json", help="Where to write the report (default runs/request-ID.json)."),
+) -> None:
+    """Validate a deletion request, append it to the ledger and build + register the cumulative model."""
+    import pydantic
+
+    from clipforget.request import DeletionRequest, ModelPolicy
+    from tasks.ledger import ledger_location
+
+    try:
+        request = DeletionRequest.model_validate_json(file.read_text())
+    except FileNotFoundError:
+        _fail(FileNotFoundError(f"request file {file} does not exist"))
+    except pydantic.ValidationError as e:
+        _fail(ValueError(f"{file}: {_validation_message(e)}"))
+    policy = _load_model_json(ModelPolicy, policy_file, "policy")
+    location = ledger_location(ledger)
+    try:
+        if policy.grid is not None or policy.arch == "toy":  # a bad request fails before anything is written
+            request.cells(_grid(policy.grid, policy.arch, None))
+    except _user_errors() as e:
+        _fail(e)
+    _offline_prefect()
+    if deployment:
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(deployment, timeout=0, parameters={
+            "request": request.model_dump(), "policy": policy.model_dump(), "ledger": location, "promote": promote})
+        typer.echo(f"submitted {request.request_id} to deployment {deployment}: flow run {run.id} ({run.name})")
+        return
+    if no_build:
+        from clipforget.ledger import Ledger, LedgerError
+
+        try:
+            entry, appended = Ledger(location).append(request.request_id, request.ledger_record())
+        except LedgerError as e:
+            _fail(e)
+        typer.echo(f"{'appended' if appended else 'already in the ledger:'} {request.request_id} as entry {entry.seq} "
+                   f"of {location} (hash {entry.hash[:16]}); `clipforget govern` builds it")
+        return
+    from flows.deletion_request import deletion_request
+
+    json_out = json_out or Path("runs") / f"request-{request.request_id}.json"
+    json_out.unlink(missing_ok=True)
+    state = deletion_request(request, policy, location, promote, str(json_out), return_state=True)
+    report = _report_of(json_out, state)
+    reg = report.get("registered")
+    if report.get("passed") and reg:
+        led = report.get("ledger") or {}
+        typer.echo(f"{request.request_id}: ledger entry {report['deletion_request']['entry']}; "
+                   f"{'already registered' if report.get('reused') else 'approved: registered'} {reg['name']} version "
+                   f"{reg['version']} (aliases: {', '.join(reg.get('aliases') or []) or 'none'}) covering "
+                   f"{len(led.get('request_ids') or reg.get('request_ids') or [])} request(s)")
+        typer.echo(f"wrote {json_out}")
+        return
+    typer.echo(f"rejected, nothing registered (the request stays in the ledger): {report.get('rejected') or state.message}",
+               err=True)
+    typer.echo(f"wrote {json_out}")
+    raise typer.Exit(1)
+
+
+def _ledger_entries(ledger: str | None) -> tuple[str, list]:
+    from clipforget.ledger import Ledger, LedgerError
+    from tasks.ledger import ledger_location
+
+    location = ledger_location(ledger)
+    try:
+        return location, Ledger(location).entries()
+    except LedgerError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@request_app.command("list")
+def request_list(ledger: str = LEDGER, json_out: Path = typer.Option(None, "--json")) -> None:
+    """Every request in the ledger, oldest first (the hash chain is verified first)."""
+    from clipforget.atomic import write_json
+
+    location, entries = _ledger_entries(ledger)
+    if json_out:
+        write_json(json_out, [e.to_dict() for e in entries])
+    if not entries:
+        typer.echo(f"ledger {location} is empty")
+    for e in entries:
+        r = e.request
+        what = ", ".join(r.get("classes") or []) or "all classes"
+        where = ", ".join(r.get("domains") or []) or "all domains"
+        typer.echo(f"{e.seq:4d}  {e.request_id}  {r['mode']}: {what} in {where}  by {r.get('requested_by', '?')}  "
+                   f"{e.hash[:12]}")
+    if entries:
+        typer.echo(f"head {entries[-1].hash} ({len(entries)} requests, chain verified)")
+
+
+@request_app.command("show")
+def request_show(request_id: str = typer.Argument(...), ledger: str = LEDGER, policy_file: Path = POLICY) -> None:
+    """One ledger entry as JSON, and the registered versions that cover it."""
+    from clipforget import registry
+    from clipforget.request import ModelPolicy
+
+    _, entries = _ledger_entries(ledger)
+    entry = next((e for e in entries if e.request_id == request_id), None)
+    if entry is None:
+        _fail(ValueError(f"request {request_id!r} is not in the ledger"))
+    assert entry is not None
+    policy = _load_model_json(ModelPolicy, policy_file, "policy")
+    out = entry.to_dict()
+    try:
+        out["covered_by"] = [{"name": policy.registered_name, "version": v["version"], "aliases": v["aliases"]}
+                             for v in registry.versions(policy.registered_name) if request_id in v["request_ids"]]
+    except Exception as e:  # the registry is unreachable: the ledger entry is still worth showing
+        out["covered_by"] = f"unknown ({type(e).__name__})"
+    typer.echo(json.dumps(out, indent=1))
+
+
+@app.command("govern")
+def govern_cmd(
+    policy_file: Path = POLICY,
+    ledger: str = LEDGER,
+    promote: bool = typer.Option(True, "--promote/--no-promote", help="Promote the version built for pending requests."),
+    json_out: Path = typer.Option(None, "--json", help="Where to write the report (default runs/governance.json)."),
+) -> None:
+    """Run governance once: build pending ledger requests in one batch, audit the champion, write the report."""
+    from clipforget.request import ModelPolicy
+
+    policy = _load_model_json(ModelPolicy, policy_file, "policy")
+    _offline_prefect()
+    from flows.governance import governance
+
+    json_out = json_out or Path("runs") / "governance.json"
+    json_out.unlink(missing_ok=True)
+    state = governance(policy, ledger, promote, str(json_out), return_state=True)
+    report = _report_of(json_out, state)
+    typer.echo(report["published"]["markdown"])
+    typer.echo(f"compliance report: MLflow run {report['published']['mlflow_run_id']}; wrote {json_out}")
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command("rebuild")
+def rebuild_cmd(
+    head: str = typer.Option(None, "--head", help="Ledger head hash to rebuild (default: the current head)."),
+    policy_file: Path = POLICY,
+    ledger: str = LEDGER,
+) -> None:
+    """Rebuild the model of a ledger head from the base checkpoint and compare it with the registered version."""
+    from clipforget import registry
+    from clipforget.request import ModelPolicy
+
+    policy = _load_model_json(ModelPolicy, policy_file, "policy")
+    _offline_prefect()
+    from flows.deletion_request import rebuild
+
+    report = rebuild(policy, ledger, head)
+    sha = report["output"]["sha256"]
+    vid = report["request_id"]
+    registered = next((v for v in registry.versions(policy.registered_name) if v["request_id"] == vid), None)
+    typer.echo(f"rebuilt {vid}: sha256 {sha}")
+    if registered is None:
+        typer.echo("no registered version for this ledger head")
+        return
+    same = registered["sha256"] == sha
+    typer.echo(f"{policy.registered_name} version {registered['version']}: sha256 {registered['sha256']} "
+               f"({'identical' if same else 'DIFFERENT'})")
+    if not same:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover
     app(prog_name="clipforget")
 

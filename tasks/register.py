@@ -33,7 +33,7 @@ def _example_image(path: str):
 @task(name="register_model", retries=2, retry_delay_seconds=5)
 def register_model(name: str, request_id: str, request_digest: str, requested_by: str, arch: str, grid: dict, mode: str,
                    forget: list[str], base_sha256: str, unlearned: dict, projection_file: str, example: str,
-                   metrics: dict, params: dict, report: dict, promote: bool) -> dict:
+                   metrics: dict, params: dict, report: dict, promote: bool, extra_tags: dict | None = None) -> dict:
     """Log the pickle-free pyfunc, register it under `name`, alias `candidate` (and `champion` on promotion)."""
     from clipforget.evaluate import ZeroShotClassifier
     from clipforget.models import load_model
@@ -47,6 +47,7 @@ def register_model(name: str, request_id: str, request_digest: str, requested_by
                                        g.classes, classifier, grid)
     tags = registry.version_tags(request_id, request_digest, requested_by, mode, forget, base_sha256,
                                  unlearned["sha256"], arch, grid["name"], metrics)
+    tags.update(extra_tags or {})
     rv = registry.register(name, request_id, artifacts, g.classes, _example_image(example), tags, params,
                            metrics, report, promote)
     logger.info("%s version %s of %s (aliases: %s)", "registered" if rv.created else "already registered as",

@@ -12,7 +12,7 @@ from clipforget.bank import load_prototypes
 from clipforget.evaluate import LabelledImages
 from clipforget.forget import Outcome, cell_table
 from clipforget.grid import Grid
-from clipforget.request import Thresholds, gate_checks
+from clipforget.request import ForgetGroup, Thresholds, gate_checks
 from clipforget.steps import checks_table, evaluate_pair, parse_cells
 from clipforget.synthesis import SynthesisConfig
 from tasks.common import loaded_model
@@ -45,31 +45,41 @@ def summary_markdown(request_id: str, mode: str, forget: list[str], passed: bool
     return "\n".join(lines) + "\n"
 
 
+def evaluation_images(base_model, grid: Grid, data_path: str | None, heldout_files: list[str] | None,
+                      synthesis: dict | None) -> tuple[LabelledImages, str]:
+    """The labelled images a model is judged on (the data, else held-out prototypes) and their description."""
+    if data_path is not None:
+        images = LabelledImages.from_folder(data_path, base_model.preprocess, grid)
+        return images, f"{data_path} ({len(images.cells)} images)"
+    protos = load_prototypes(heldout_files or [], SynthesisConfig(**(synthesis or {})))
+    assert protos.images is not None, "held-out prototype files must hold images"
+    images = LabelledImages.from_arrays(protos.images, protos.cells, base_model.preprocess)
+    return images, f"held-out prototypes ({len(images.cells)} images; data-free)"
+
+
 @task(name="validate")
-def validate(request_id: str, arch: str, base: dict, unlearned: dict, grid: dict, mode: str, forget: list[str],
+def validate(request_id: str, arch: str, base: dict, unlearned: dict, grid: dict, groups: list[dict],
              thresholds: dict, data_path: str | None = None, heldout_files: list[str] | None = None,
              synthesis: dict | None = None) -> dict:
     """Measure base and unlearned model on the same images, apply the gate, publish the artifacts.
 
-    Returns {passed, checks, metrics, cells, before, after, evaluation}; registration follows only if passed.
+    `groups` are the forget cells per mode ([{mode, cells}]: one for a request, several for a cumulative
+    ledger build). Returns {passed, checks, metrics, cells, before, after, evaluation}; registration follows
+    only if passed.
     """
     logger = get_run_logger()
     g = Grid(grid["name"], tuple(grid["classes"]), tuple(grid["domains"]))
     base_model = loaded_model(arch, base["path"], base["sha256"])
-    if data_path is not None:
-        images = LabelledImages.from_folder(data_path, base_model.preprocess, g)
-        evaluation = f"{data_path} ({len(images.cells)} images)"
-    else:
-        protos = load_prototypes(heldout_files or [], SynthesisConfig(**(synthesis or {})))
-        assert protos.images is not None, "held-out prototype files must hold images"
-        images = LabelledImages.from_arrays(protos.images, protos.cells, base_model.preprocess)
-        evaluation = f"held-out prototypes ({len(images.cells)} images; data-free)"
+    images, evaluation = evaluation_images(base_model, g, data_path, heldout_files, synthesis)
     from clipforget.models import load_model
 
     after_model = load_model(arch, unlearned["path"])
     before, after = evaluate_pair(base_model, after_model, images, g)
+    forget_groups = [ForgetGroup(g["mode"], tuple(parse_cells(g["cells"]))) for g in groups]
+    mode = "+".join(dict.fromkeys(g.mode for g in forget_groups))
+    forget = list(dict.fromkeys(c for g in groups for c in g["cells"]))
     cells = parse_cells(forget)
-    checks = checks_table(gate_checks(mode, before, after, cells, Thresholds(**thresholds)))
+    checks = checks_table(gate_checks(forget_groups, before, after, Thresholds(**thresholds)))
     passed = all(c["passed"] for c in checks)
     metrics = asdict(Outcome.measure(before, after, cells))
     table = cell_table(before, after, cells)

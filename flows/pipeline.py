@@ -1,0 +1,201 @@
+"""The pipeline body every flow shares: a policy and forget groups in, an approved version in the registry out.
+
+Reads as the numbered steps of DESIGN.md. Called from inside a flow (`unlearn`, `deletion-request`,
+`governance`): each step is a task of that flow run. A model that misses a threshold is never registered:
+the report says why and the caller ends its run Failed ("rejected").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from prefect import get_run_logger
+
+from clipforget.atomic import write_json
+from clipforget.forget import heldout_config
+from clipforget.grid import Grid, forget_cells, resolve_grid, retain_cells
+from clipforget.method import default_config
+from clipforget.request import ForgetGroup, ModelPolicy, cumulative_mode
+from clipforget.steps import cell_names
+from tasks.common import work_root
+from tasks.fetch import fetch_checkpoint, fetch_eval_data
+from tasks.method import build_nullspace, fold_projection, generate_prompts, synthesize_routed
+from tasks.register import register_model
+from tasks.validate import validate
+
+
+def policy_grid(policy: ModelPolicy, data_path: str | None) -> Grid:
+    from clipforget.data import grid_of_folder
+
+    if policy.grid is not None:
+        return resolve_grid(policy.grid)
+    if policy.arch == "toy":
+        return resolve_grid("toy")
+    if data_path is not None:
+        return grid_of_folder(data_path)
+    raise ValueError("give a grid (pacs, domainnet or a JSON file) or evaluation data for a model other than toy")
+
+
+@dataclass
+class Build:
+    """What to build and how to label it. `version_id` names the version (idempotency key of the registry)."""
+
+    policy: ModelPolicy
+    specs: list[dict]  # what each request forgets: {mode, classes, domains}
+    version_id: str
+    version_digest: str  # of everything that decides the model; one version id, one content
+    requested_by: str
+    params: dict = field(default_factory=dict)  # extra MLflow params (a request's mode, classes, domains)
+    tags: dict[str, str] = field(default_factory=dict)  # extra version tags (ledger head, request ids)
+    report: dict = field(default_factory=dict)  # extra report fields
+
+    @property
+    def mode(self) -> str:
+        """The mode label: one mode, or the modes of a cumulative build joined by '+'."""
+        return "+".join(dict.fromkeys(s["mode"] for s in self.specs))
+
+
+def fetch_inputs(policy: ModelPolicy) -> tuple[dict, str | None, Grid]:
+    """Step 0: the base checkpoint and evaluation data in the cache, and the grid."""
+    base = fetch_checkpoint(policy.checkpoint_uri, policy.checkpoint_sha256)
+    data_path = fetch_eval_data(policy.data_uri) if policy.data_uri else None
+    return base, data_path, policy_grid(policy, data_path)
+
+
+def run_pipeline(build: Build, promote: bool = False, report_path: str | None = None, register: bool = True) -> dict:
+    """Steps 1-6 and registration. Returns the report; `report["passed"]` says whether it was registered.
+
+    With `register=False` the model is built and validated but not registered (a rebuild or a dry run).
+    """
+    logger = get_run_logger()
+    policy = build.policy
+    assert policy.registered_name is not None
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    run_dir = work_root() / "runs" / build.version_id
+
+    def step(name: str, t: float) -> None:
+        timings[f"{name}_s"] = round(time.perf_counter() - t, 3)
+
+    t = time.perf_counter()
+    base, data_path, grid = fetch_inputs(policy)
+    step("fetch", t)
+
+    # 1. cells: the forget cells of every request; every other cell of the grid is retained
+    forget_groups = groups_of(build.specs, grid)
+    forget = list(dict.fromkeys(c for g in forget_groups for c in g.cells))
+    retain = retain_cells(grid, forget)
+    if not retain:
+        raise ValueError("the forget set covers every cell of the grid; nothing would be retained")
+    cells = cell_names(grid.cells)
+    grid_dict = {"name": grid.name, "classes": list(grid.classes), "domains": list(grid.domains)}
+    synthesis = policy.synthesis.config(policy.arch)
+    nullspace = default_config(cumulative_mode([g.mode for g in forget_groups]), kind=policy.projection,
+                               source=policy.source)
+
+    # 2. text side: domain-aware prompts per cell
+    t = time.perf_counter()
+    text = generate_prompts(policy.arch, base["path"], base["sha256"], cells)
+    step("text", t)
+
+    # 3. visual prototypes, data-free (the prototype bank keeps them per cell across requests)
+    t = time.perf_counter()
+    protos = synthesize_routed(policy.arch, base["path"], base["sha256"], text, cells, asdict(synthesis))
+    step("prototypes", t)
+
+    # 4. multimodal nullspace
+    t = time.perf_counter()
+    projection = build_nullspace(text, protos["paths"], cell_names(forget), cell_names(retain), nullspace.to_dict(),
+                                 asdict(synthesis))
+    step("nullspace", t)
+
+    # 5. fold into the image tower's last linear map (the checkpoint's metadata depends on the build only,
+    # so a rebuild of the same version id gives the same bytes)
+    t = time.perf_counter()
+    unlearned = fold_projection(policy.arch, base["path"], base["sha256"], projection["path"],
+                                str(run_dir / "unlearned.safetensors"),
+                                {"clipforget.base_sha256": base["sha256"], "clipforget.arch": policy.arch,
+                                 "clipforget.mode": build.mode, "clipforget.request_id": build.version_id,
+                                 "clipforget.forget_cells": ",".join(cell_names(forget))})
+    step("fold", t)
+
+    # 6. validate: before/after per cell on the data, else on fresh held-out prototypes
+    t = time.perf_counter()
+    heldout, heldout_cfg = heldout_images(policy, base, grid, text) if data_path is None else (None, None)
+    groups = [{"mode": g.mode, "cells": cell_names(g.cells)} for g in forget_groups]
+    verdict = validate(build.version_id, policy.arch, base, unlearned, grid_dict, groups,
+                       policy.thresholds.model_dump(), data_path, heldout["paths"] if heldout else None, heldout_cfg)
+    step("validate", t)
+
+    report = {
+        "request_id": build.version_id,
+        "requested_by": build.requested_by,
+        **build.report,
+        "policy": policy.model_dump(),
+        "model": {"arch": policy.arch, "checkpoint": policy.checkpoint_uri or base["uri"], "sha256": base["sha256"]},
+        "output": {"path": unlearned["path"], "sha256": unlearned["sha256"]},
+        "mode": build.mode,
+        "forget_cells": cell_names(forget),
+        "settings": {"synthesis": asdict(synthesis), "nullspace": nullspace.to_dict()},
+        "projection": projection["summary"],
+        "prototypes": {k: protos[k] for k in ("reused", "synthesized", "seconds")},
+        **{k: verdict[k] for k in ("evaluation", "metrics", "checks", "cells", "before", "after")},
+        "passed": verdict["passed"],
+        "registered": None,
+    }
+
+    def done() -> dict:
+        report["timings"] = {**timings, "total_s": round(time.perf_counter() - t0, 3)}
+        for path in {run_dir / "report.json", *([Path(report_path)] if report_path else [])}:
+            write_json(path, report)
+        return report
+
+    failed = [c for c in verdict["checks"] if not c["passed"]]
+    if failed:
+        report["rejected"] = "; ".join(f"{c['name']} {c['value']:.4f} > {c['limit']:.4f}" for c in failed)
+        logger.warning("rejected, not registered: %s", report["rejected"])
+        return done()
+    if not register:
+        return done()
+
+    # register the approved model: candidate, and champion when asked
+    t = time.perf_counter()
+    params = {"mode": build.mode, "arch": policy.arch, **build.params,
+              **{f"synthesis.{k}": v for k, v in asdict(synthesis).items()},
+              **{f"nullspace.{k}": v for k, v in nullspace.to_dict().items()}}
+    report["registered"] = register_model(
+        policy.registered_name, build.version_id, build.version_digest, build.requested_by, policy.arch, grid_dict,
+        build.mode, cell_names(forget), base["sha256"], unlearned, projection["path"], _example(data_path, heldout),
+        verdict["metrics"], params, {k: v for k, v in report.items() if k not in ("before", "after")}, promote,
+        build.tags)
+    step("register", t)
+    logger.info("approved: %s version %s", policy.registered_name, report["registered"]["version"])
+    return done()
+
+
+def heldout_images(policy: ModelPolicy, base: dict, grid: Grid, text: str | None = None) -> tuple[dict, dict]:
+    """Fresh held-out prototypes of every cell, with images, for data-free validation: (synthesis result, config)."""
+    cells = cell_names(grid.cells)
+    if text is None:
+        text = generate_prompts(policy.arch, base["path"], base["sha256"], cells)
+    cfg = asdict(heldout_config(policy.synthesis.config(policy.arch), policy.synthesis.heldout_per_cell))
+    return synthesize_routed(policy.arch, base["path"], base["sha256"], text, cells, cfg, with_images=True), cfg
+
+
+def _example(data_path: str | None, heldout: dict | None) -> str:
+    """One evaluation image (a file, or a held-out prototype bank file) for the model's input example."""
+    if data_path is not None:
+        from clipforget.data import list_labelled_images
+
+        return str(list_labelled_images(data_path)[0][0])
+    assert heldout is not None
+    return heldout["paths"][0]
+
+
+def groups_of(requests: Sequence[dict], grid: Grid) -> list[ForgetGroup]:
+    """Forget groups of requests (each {mode, classes, domains}) on a grid; ValueError names what does not fit."""
+    return [ForgetGroup(r["mode"], tuple(forget_cells(grid, r["mode"], r.get("classes", []), r.get("domains", []))))
+            for r in requests]

@@ -1,0 +1,64 @@
+"""Governance tasks: fetch a registered version's weights, measure it against the ledger, publish the report."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from clipforget import compliance, registry
+from clipforget.forget import Outcome, cell_table
+from clipforget.grid import Grid
+from clipforget.models import sha256_file
+from clipforget.request import ForgetGroup, Thresholds, gate_checks
+from clipforget.steps import checks_table, evaluate_pair, parse_cells
+from tasks.common import loaded_model, work_root
+from tasks.validate import artifact_key, evaluation_images
+
+
+@task(name="fetch_registered_weights", retries=2, retry_delay_seconds=5)
+def fetch_registered_weights(name: str, version: str) -> dict:
+    """The version's checkpoint from the artifact store → {path, sha256} (the digest of the bytes fetched)."""
+    path = registry.download_weights(name, version, work_root() / "governance" / name / str(version))
+    return {"path": str(path), "sha256": sha256_file(path)}
+
+
+@task(name="audit_model")
+def audit_model(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], thresholds: dict,
+                data_path: str | None = None, heldout_files: list[str] | None = None,
+                synthesis: dict | None = None) -> dict:
+    """Per-cell accuracy of the base and the audited model, the policy's checks over every ledger group,
+    and the forgotten cells the model recognizes again."""
+    from clipforget.models import load_model
+
+    g = Grid(grid["name"], tuple(grid["classes"]), tuple(grid["domains"]))
+    base_model = loaded_model(arch, base["path"], base["sha256"])
+    images, evaluation = evaluation_images(base_model, g, data_path, heldout_files, synthesis)
+    before, after = evaluate_pair(base_model, load_model(arch, model["path"]), images, g)
+    forget_groups = [ForgetGroup(x["mode"], tuple(parse_cells(x["cells"]))) for x in groups]
+    policy = Thresholds(**thresholds)
+    forget = list(dict.fromkeys(c for x in forget_groups for c in x.cells))
+    table = cell_table(before, after, forget)
+    limits = compliance.forget_limits(forget_groups, policy)
+    return {"evaluation": evaluation, "checks": checks_table(gate_checks(forget_groups, before, after, policy)),
+            "metrics": asdict(Outcome.measure(before, after, forget)), "cells": table, "limits": limits,
+            "recognized": (lambda f: f.to_dict() if f else None)(compliance.recognized_again(table, limits))}
+
+
+@task(name="publish_governance_report", retries=2, retry_delay_seconds=5)
+def publish_governance_report(report: dict, out_dir: str) -> dict:
+    """The compliance report as a Prefect markdown artifact and an MLflow run (markdown, JSON, PNG plot)."""
+    md = compliance.markdown(report)
+    plot = None
+    if report.get("audit"):
+        champ = report.get("champion") or {}
+        plot = compliance.plot_cells(report["audit"]["cells"], Path(out_dir) / "cells.png",
+                                     f"{report['registered_name']} champion v{champ.get('version')}: per-cell "
+                                     "accuracy, base vs champion")
+    create_markdown_artifact(md, key=artifact_key(report["registered_name"], "governance"),
+                             description="governance: compliance of the champion with the deletion-request ledger")
+    run_id = registry.log_governance(report, md, plot)
+    get_run_logger().info("compliance report: MLflow run %s (experiment %s)", run_id, registry.GOVERNANCE_EXPERIMENT)
+    return {"markdown": md, "plot": str(plot) if plot else None, "mlflow_run_id": run_id}
