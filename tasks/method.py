@@ -212,6 +212,8 @@ def synthesize(arch: str, checkpoint: str, sha256: str, text_file: str, cells: l
         if errors:
             raise RuntimeError(f"{len(errors)} of {len(chunks)} synthesis tasks failed; the others' cells are "
                                f"banked. First failure: {errors[0]!r}") from errors[0]
+    else:
+        logger.info("prototype bank: %d of %d cells reused, 0 to synthesize", len(set(wanted)), len(set(wanted)))
     paths = [bank.path(sha256, c, config, with_images) for c in wanted]
     seconds = time.perf_counter() - t0
     if missing:
