@@ -440,8 +440,13 @@ def request_submit(
     if deployment:
         from prefect.deployments import run_deployment
 
-        run = run_deployment(deployment, timeout=0, parameters={
-            "request": request.model_dump(), "policy": policy.model_dump(), "ledger": location, "promote": promote})
+        # the deployment's own policy and its workers' CLIPFORGET_LEDGER apply unless given here
+        parameters: dict[str, Any] = {"request": request.model_dump(), "promote": promote}
+        if policy_file is not None:
+            parameters["policy"] = policy.model_dump()
+        if ledger is not None:
+            parameters["ledger"] = ledger
+        run = run_deployment(deployment, timeout=0, parameters=parameters)
         typer.echo(f"submitted {request.request_id} to deployment {deployment}: flow run {run.id} ({run.name})")
         return
     if no_build:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.states import Failed
 
 from clipforget import registry
+from clipforget.atomic import write_json
 from clipforget.ledger import Entry
 from clipforget.request import DeletionRequest, ModelPolicy
 from flows.pipeline import Build, fetch_inputs, groups_of, run_pipeline
@@ -84,6 +86,8 @@ def deletion_request(request: DeletionRequest, policy: ModelPolicy | None = None
     report = build_at_head(policy, entries, location, request.requested_by, promote, report_path)
     report["deletion_request"] = {"request_id": request.request_id, "entry": appended["seq"],
                                   "appended": appended["appended"], "covered_by_head": covered[-1].hash}
+    if report_path:
+        write_json(Path(report_path), report)
     if not report["passed"]:
         return Failed(message=f"rejected: {report['rejected']}; the request stays in the ledger and the next "
                       "build retries it")
