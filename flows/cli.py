@@ -432,7 +432,8 @@ def request_submit(
     policy = _load_model_json(ModelPolicy, policy_file, "policy")
     location = ledger_location(ledger)
     try:
-        if policy.grid is not None or policy.arch == "toy":  # a bad request fails before anything is written
+        local_policy = deployment is None or policy_file is not None  # else the deployment's policy decides
+        if local_policy and (policy.grid is not None or policy.arch == "toy"):  # bad input fails before any write
             request.cells(_grid(policy.grid, policy.arch, None))
     except _user_errors() as e:
         _fail(e)
