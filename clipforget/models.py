@@ -47,7 +47,33 @@ def save_checkpoint(state: Mapping[str, torch.Tensor], path: str | Path, metadat
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
+        canonical_metadata_order(tmp)
         return sha256_file(tmp)
+
+
+def canonical_metadata_order(path: str | Path) -> None:
+    """Sort a safetensors file's `__metadata__` keys in place, so equal tensors and metadata give equal bytes.
+
+    safetensors writes metadata in hash-map order, which changes from one process to the next: without
+    this a rebuilt checkpoint would not hash like the registered one. The header keeps its length (the same
+    characters, reordered), so the tensor data does not move.
+    """
+    import json
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not meta or len(meta) < 2:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        out = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(out) > n:
+            raise ValueError(f"{path}: canonical safetensors header is longer than the original ({len(out)} > {n})")
+        f.seek(8)
+        f.write(out + b" " * (n - len(out)))
 
 
 def image_normalizer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -49,3 +49,19 @@ def test_pretrained_download_fails_clearly_without_a_hub(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="could not download pretrained weights RN50/openai"):
         load_model("RN50", pretrained="openai")
+
+
+def test_checkpoint_bytes_depend_on_content_only(tmp_path):
+    """A rebuild must hash like the registered checkpoint: safetensors alone writes metadata in hash-map order."""
+    import torch
+
+    from clipforget.models import save_checkpoint
+
+    state = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2, dtype=torch.float16)}
+    meta = {f"clipforget.key{i}": f"value {i} ü" for i in range(6)}
+    digests = {save_checkpoint(state, tmp_path / f"{i}.safetensors", meta) for i in range(10)}
+    assert len(digests) == 1
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(tmp_path / "0.safetensors"))
+    assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["b"], state["b"])

@@ -148,6 +148,26 @@ def banked_retain_cells(pipeline_env, toy, prototype_bank):
 
 
 @pytest.fixture(scope="session")
+def own_cache(pipeline_env, banked_retain_cells, tmp_path_factory):
+    """A factory of fresh CLIPFORGET_CACHE folders, each holding the 36 non-`star` cells of the bank.
+
+    Test modules that synthesize `star` (the whole grid is every build's retain set) work in a cache of their
+    own: the flow tests' first request expects `star`'s cells unsynthesized, whichever order the tests run in.
+    """
+    import shutil
+
+    def make(name: str) -> Path:
+        src, dst = pipeline_env / "cache", tmp_path_factory.mktemp(name)
+        for path in banked_retain_cells:
+            target = dst / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+        return dst
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def pipeline(s3, mlflow_server, prefect_harness, banked_retain_cells):
     """Everything the flow talks to, started."""
     return {"s3": s3, "mlflow": mlflow_server}

@@ -29,7 +29,14 @@ SECOND = DeletionRequest(request_id="dsr-house-cartoon", requested_by="privacy@e
 
 
 @pytest.fixture(scope="module")
-def setup(pipeline):
+def setup(pipeline, own_cache):
+    """The policy and S3 ledger of a governed model, in a cache of its own (these builds synthesize `star`)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLIPFORGET_CACHE", str(own_cache("governance-cache")))
+        yield _setup(pipeline)
+
+
+def _setup(pipeline) -> dict:
     s3 = pipeline["s3"]
     policy = ModelPolicy(checkpoint_uri=s3["checkpoint"], data_uri=s3["eval"], registered_name=NAME)
     return {"policy": policy, "ledger": f"s3://{s3['bucket']}/ledger/{NAME}/", "client": s3["client"],

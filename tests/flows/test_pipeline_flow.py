@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
 import pytest
+from logcapture import run_log_lines
 from prefect.artifacts import Artifact
 
 from clipforget import registry
@@ -16,34 +16,18 @@ NAME = "toy-unlearned"
 pytestmark = pytest.mark.slow
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def run(request: UnlearnRequest, tmp_path) -> dict:
     """Run the flow; return its final state, report, wall time and the task log lines."""
     import json
 
     from flows.unlearn import unlearn
 
-    handler = _Lines()
-    loggers = [logging.getLogger(n) for n in ("prefect.task_runs", "prefect.flow_runs")]
-    for lg in loggers:
-        lg.addHandler(handler)
     report_path = tmp_path / f"{request.request_id}-{time.monotonic_ns()}.json"
     t0 = time.perf_counter()
-    try:
+    with run_log_lines() as lines:
         state = unlearn(request, str(report_path), return_state=True)
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
     return {"state": state, "report": json.loads(report_path.read_text()), "seconds": time.perf_counter() - t0,
-            "logs": handler.lines}
+            "logs": lines}
 
 
 def star_request(pipeline, request_id: str, **kw) -> UnlearnRequest:

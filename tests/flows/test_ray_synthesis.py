@@ -3,7 +3,6 @@ bank submits nothing; routing to the gpu pool's deployment fills the shared bank
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import asdict
@@ -12,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from logcapture import run_log_lines
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -31,15 +31,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 CELLS = ["star/sketch", "heart/photo", "tree/cartoon", "circle/painting"]
 SMALL = SynthesisConfig(prototypes_per_cell=2, steps=30, check_every=10)
-
-
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 @flow(name="test-fill-bank")
@@ -64,21 +55,16 @@ def inputs(prefect_harness, toy, text_bank, tmp_path):
 
 def _run(runner, inputs: dict, cache: Path, monkeypatch) -> dict:
     monkeypatch.setenv("CLIPFORGET_CACHE", str(cache))
-    handler = _Lines()
-    logger = logging.getLogger("prefect.flow_runs")
-    logger.addHandler(handler)
     t0 = time.perf_counter()
-    try:
+    with run_log_lines() as lines:
         state = fill_twice.with_options(task_runner=runner)(**inputs, cells_per_task=2, return_state=True)
-    finally:
-        logger.removeHandler(handler)
     out = state.result()
     with get_client(sync_client=True) as client:
         assert state.state_details.flow_run_id is not None
         ids = FlowRunFilterId(any_=[state.state_details.flow_run_id])
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=ids))
-    chunk_lines = [line for line in handler.lines if line.startswith("chunk ")]
-    return {**out, "plan": [line for line in handler.lines if " tasks of up to " in line],
+    chunk_lines = [line for line in lines if line.startswith("chunk ")]
+    return {**out, "plan": [line for line in lines if " tasks of up to " in line],
             "seconds": time.perf_counter() - t0, "task_runs": [r.name.rsplit("-", 1)[0] for r in runs],
             "pids": {int(line.rsplit("pid ", 1)[1]) for line in chunk_lines}, "chunk_lines": chunk_lines}
 

@@ -5,7 +5,6 @@ synthesis routed to the gpu pool, and the model found in the `mlflow server`, ta
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -24,16 +23,10 @@ STAR = ["star/photo", "star/painting", "star/cartoon", "star/sketch"]
 
 
 @pytest.fixture(scope="module")
-def worker_cache(pipeline_env, banked_retain_cells, tmp_path_factory):
-    """The workers' CLIPFORGET_CACHE (one folder, as the cpu and gpu workers share one volume), holding the 36
-    non-`star` cells of the flow tests' bank. A cache of its own: the flow tests' first request expects `star`'s
-    cells unsynthesized whichever order the tests run in, and here they always go through the gpu pool."""
-    src, dst = pipeline_env / "cache", tmp_path_factory.mktemp("worker-cache")
-    for path in banked_retain_cells:
-        target = dst / path.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)
-    return dst
+def worker_cache(own_cache):
+    """The workers' CLIPFORGET_CACHE (one folder, as the cpu and gpu workers share one volume): a cache of
+    its own, so `star`'s cells always go through the gpu pool here."""
+    return own_cache("worker-cache")
 
 
 @pytest.fixture(scope="module")
