@@ -103,7 +103,7 @@ def governance(policy: ModelPolicy | None = None, ledger: str | None = None, pro
                                 {"name": grid.name, "classes": list(grid.classes), "domains": list(grid.domains)},
                                 [{"mode": g.mode, "cells": cell_names(g.cells)} for g in groups],
                                 policy.thresholds.model_dump(), data_path, heldout["paths"] if heldout else None,
-                                heldout_cfg)
+                                heldout_cfg, policy.data_uri)
             report["audit"] = audit
             if audit["recognized"]:
                 findings.append(Finding(**audit["recognized"]))

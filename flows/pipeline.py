@@ -127,7 +127,8 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     heldout, heldout_cfg = heldout_images(policy, base, grid, text) if data_path is None else (None, None)
     groups = [{"mode": g.mode, "cells": cell_names(g.cells)} for g in forget_groups]
     verdict = validate(build.version_id, policy.arch, base, unlearned, grid_dict, groups,
-                       policy.thresholds.model_dump(), data_path, heldout["paths"] if heldout else None, heldout_cfg)
+                       policy.thresholds.model_dump(), data_path, heldout["paths"] if heldout else None, heldout_cfg,
+                       policy.data_uri)
     step("validate", t)
 
     report = {

@@ -28,14 +28,14 @@ def fetch_registered_weights(name: str, version: str) -> dict:
 @task(name="audit_model")
 def audit_model(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], thresholds: dict,
                 data_path: str | None = None, heldout_files: list[str] | None = None,
-                synthesis: dict | None = None) -> dict:
+                synthesis: dict | None = None, data_uri: str | None = None) -> dict:
     """Per-cell accuracy of the base and the audited model, the policy's checks over every ledger group,
     and the forgotten cells the model recognizes again."""
     from clipforget.models import load_model
 
     g = Grid(grid["name"], tuple(grid["classes"]), tuple(grid["domains"]))
     base_model = loaded_model(arch, base["path"], base["sha256"])
-    images, evaluation = evaluation_images(base_model, g, data_path, heldout_files, synthesis)
+    images, evaluation = evaluation_images(base_model, g, data_path, heldout_files, synthesis, data_uri)
     before, after = evaluate_pair(base_model, load_model(arch, model["path"]), images, g)
     forget_groups = [ForgetGroup(x["mode"], tuple(parse_cells(x["cells"]))) for x in groups]
     policy = Thresholds(**thresholds)

@@ -46,11 +46,12 @@ def summary_markdown(request_id: str, mode: str, forget: list[str], passed: bool
 
 
 def evaluation_images(base_model, grid: Grid, data_path: str | None, heldout_files: list[str] | None,
-                      synthesis: dict | None) -> tuple[LabelledImages, str]:
-    """The labelled images a model is judged on (the data, else held-out prototypes) and their description."""
+                      synthesis: dict | None, data_uri: str | None = None) -> tuple[LabelledImages, str]:
+    """The labelled images a model is judged on (the data, else held-out prototypes) and their description
+    (naming the data by its URI when given, not by its place in the cache)."""
     if data_path is not None:
         images = LabelledImages.from_folder(data_path, base_model.preprocess, grid)
-        return images, f"{data_path} ({len(images.cells)} images)"
+        return images, f"{data_uri or data_path} ({len(images.cells)} images)"
     protos = load_prototypes(heldout_files or [], SynthesisConfig(**(synthesis or {})))
     assert protos.images is not None, "held-out prototype files must hold images"
     images = LabelledImages.from_arrays(protos.images, protos.cells, base_model.preprocess)
@@ -60,7 +61,7 @@ def evaluation_images(base_model, grid: Grid, data_path: str | None, heldout_fil
 @task(name="validate")
 def validate(request_id: str, arch: str, base: dict, unlearned: dict, grid: dict, groups: list[dict],
              thresholds: dict, data_path: str | None = None, heldout_files: list[str] | None = None,
-             synthesis: dict | None = None) -> dict:
+             synthesis: dict | None = None, data_uri: str | None = None) -> dict:
     """Measure base and unlearned model on the same images, apply the gate, publish the artifacts.
 
     `groups` are the forget cells per mode ([{mode, cells}]: one for a request, several for a cumulative
@@ -70,7 +71,7 @@ def validate(request_id: str, arch: str, base: dict, unlearned: dict, grid: dict
     logger = get_run_logger()
     g = Grid(grid["name"], tuple(grid["classes"]), tuple(grid["domains"]))
     base_model = loaded_model(arch, base["path"], base["sha256"])
-    images, evaluation = evaluation_images(base_model, g, data_path, heldout_files, synthesis)
+    images, evaluation = evaluation_images(base_model, g, data_path, heldout_files, synthesis, data_uri)
     from clipforget.models import load_model
 
     after_model = load_model(arch, unlearned["path"])
