@@ -200,6 +200,16 @@ class Ledger:
         raise LedgerError(f"ledger {self.location}: no entry has hash {head[:16]}…: entries were removed or changed "
                           "since a model was built from it")
 
+    def resolve(self, head: str) -> str:
+        """The full hash of the entry whose hash starts with `head` (as `request list` prints 12 characters)."""
+        if head == GENESIS:
+            return head
+        found = [e.hash for e in self.entries() if e.hash.startswith(head.lower())] if len(head) >= 6 else []
+        if len(found) != 1:
+            raise LedgerError(f"ledger {self.location}: {'no' if not found else 'more than one'} entry hash starts with "
+                              f"{head!r}" + (" (give at least 6 characters)" if len(head) < 6 else ""))
+        return found[0]
+
     def get(self, request_id: str) -> Entry | None:
         return next((e for e in self.entries() if e.request_id == request_id), None)
 

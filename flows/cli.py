@@ -560,7 +560,8 @@ def govern_cmd(
 
 @app.command("rebuild")
 def rebuild_cmd(
-    head: str = typer.Option(None, "--head", help="Ledger head hash to rebuild (default: the current head)."),
+    head: str = typer.Option(None, "--head", help="Ledger entry hash (or its first 6+ characters, as `request list` "
+                             "prints them) to rebuild up to (default: the current head)."),
     policy_file: Path = POLICY,
     ledger: str = LEDGER,
 ) -> None:
@@ -570,8 +571,14 @@ def rebuild_cmd(
 
     policy = _load_model_json(ModelPolicy, policy_file, "policy")
     _offline_prefect()
+    from clipforget.ledger import Ledger, LedgerError
     from flows.deletion_request import rebuild
+    from tasks.ledger import ledger_location
 
+    try:
+        head = Ledger(ledger_location(ledger)).resolve(head) if head else None  # bad input fails before the flow
+    except LedgerError as e:
+        _fail(e)
     report = rebuild(policy, ledger, head)
     sha = report["output"]["sha256"]
     vid = report["request_id"]

@@ -103,7 +103,7 @@ def rebuild(policy: ModelPolicy | None = None, ledger: str | None = None, head: 
     policy = policy or ModelPolicy()
     location = ledger_location(ledger)
     led = Ledger(location)
-    entries = led.up_to(head) if head else led.entries()
+    entries = led.up_to(led.resolve(head)) if head else led.entries()
     if not entries:
         raise ValueError(f"ledger {location} has no entries: nothing to rebuild")
     return run_pipeline(ledger_build(policy, entries, location, "rebuild"), register=False)

@@ -85,3 +85,13 @@ def test_up_to_a_head_and_a_head_that_is_gone(tmp_path):
     assert ledger.verify() == first.hash
     with pytest.raises(LedgerError, match="no entry has hash"):
         ledger.up_to(second.hash)
+
+
+def test_a_head_is_found_by_its_prefix(tmp_path):
+    ledger = Ledger(tmp_path)
+    first, _ = ledger.append("req-1", STAR)
+    assert ledger.resolve(first.hash[:12]) == first.hash == ledger.resolve(first.hash)
+    with pytest.raises(LedgerError, match="no entry hash starts with"):
+        ledger.resolve("ffffffffffff" if not first.hash.startswith("ffffff") else "000000000000")
+    with pytest.raises(LedgerError, match="at least 6"):
+        ledger.resolve(first.hash[:3])
