@@ -123,3 +123,31 @@ def test_user_templates(data, tmp_path):
                             "--json", str(tmp_path / "x.json")])
     assert r.exit_code == 2 and "exactly one '{}'" in r.output
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("request_json, message", [
+    ({"request_id": "dsr-1", "mode": "global", "classes": ["unicorn"]}, "unknown class 'unicorn'"),
+    ({"request_id": "dsr-1", "mode": "domain", "classes": ["house"]}, "give both classes and domains"),
+    ({"request_id": "../dsr", "mode": "global", "classes": ["star"]}, "request_id: String should match pattern"),
+    ({"request_id": "dsr-1", "mode": "global", "classes": ["star"], "priority": "high"}, "priority: Extra inputs"),
+    ({"mode": "global", "classes": ["star"]}, "request_id: Field required"),
+])
+def test_request_submit_refuses_bad_requests_before_the_ledger(tmp_path, request_json, message):
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(request_json))
+    r = runner.invoke(app, ["request", "submit", str(request), "--ledger", str(tmp_path / "ledger")])
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert not (tmp_path / "ledger").exists()
+
+
+def test_request_list_names_a_broken_ledger(tmp_path):
+    from clipforget.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "ledger")
+    ledger.append("dsr-1", {"mode": "global", "classes": ["star"], "domains": []})
+    ledger.append("dsr-2", {"mode": "global", "classes": ["heart"], "domains": []})
+    r = runner.invoke(app, ["request", "list", "--ledger", str(tmp_path / "ledger")])
+    assert r.exit_code == 0 and "dsr-2  global: heart in all domains" in r.output, r.output
+    (tmp_path / "ledger" / "00000000.json").unlink()
+    r = runner.invoke(app, ["request", "list", "--ledger", str(tmp_path / "ledger")])
+    assert r.exit_code == 1 and "entry 0 is missing" in r.output, r.output
