@@ -103,7 +103,8 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
 
     # 3. visual prototypes, data-free (the prototype bank keeps them per cell across requests)
     t = time.perf_counter()
-    protos = synthesize_routed(policy.arch, base["path"], base["sha256"], text, cells, asdict(synthesis))
+    protos = synthesize_routed(policy.arch, base["path"], base["sha256"], text, cells, asdict(synthesis),
+                               checkpoint_uri=base["uri"])
     step("prototypes", t)
 
     # 4. multimodal nullspace
@@ -183,7 +184,8 @@ def heldout_images(policy: ModelPolicy, base: dict, grid: Grid, text: str | None
     if text is None:
         text = generate_prompts(policy.arch, base["path"], base["sha256"], cells)
     cfg = asdict(heldout_config(policy.synthesis.config(policy.arch), policy.synthesis.heldout_per_cell))
-    return synthesize_routed(policy.arch, base["path"], base["sha256"], text, cells, cfg, with_images=True), cfg
+    return synthesize_routed(policy.arch, base["path"], base["sha256"], text, cells, cfg, with_images=True,
+                             checkpoint_uri=base["uri"]), cfg
 
 
 def _example(data_path: str | None, heldout: dict | None) -> str:

@@ -18,6 +18,8 @@ from tasks.runners import task_runner
 
 @flow(name="synthesize-prototypes", task_runner=task_runner(), validate_parameters=True)
 def synthesize_prototypes_flow(arch: str, checkpoint: str, sha256: str, text_file: str, cells: list[str],
-                               synthesis: dict, with_images: bool = False) -> dict:
-    """Prototypes of `cells` into the bank (only those it lacks); returns {paths, reused, synthesized, seconds}."""
-    return synthesize(arch, checkpoint, sha256, text_file, cells, synthesis, with_images)
+                               synthesis: dict, with_images: bool = False, checkpoint_uri: str | None = None) -> dict:
+    """Prototypes of `cells` into the bank (only those it lacks); returns {paths, reused, synthesized, seconds}.
+    A Ray worker without `checkpoint` on its disk fetches `checkpoint_uri` (s3:// or file://) instead."""
+    return synthesize(arch, checkpoint, sha256, text_file, cells, synthesis, with_images,
+                      checkpoint_uri=checkpoint_uri)

@@ -89,21 +89,23 @@ def synthesize_prototypes(arch: str, checkpoint: str, sha256: str, text_file: st
             "seconds": round(report.seconds, 3)}
 
 
-def _local_checkpoint(checkpoint: str, sha256: str) -> str:
-    """The checkpoint as a file on this machine: the path itself, or a URI fetched into this machine's cache."""
+def _local_checkpoint(checkpoint: str, sha256: str, checkpoint_uri: str | None = None) -> str:
+    """The checkpoint as a file on this machine: the path itself, else its URI (`checkpoint_uri`, or
+    `checkpoint` when it is one) fetched into this machine's cache and verified against `sha256`."""
     if Path(checkpoint).is_file():
         return checkpoint
-    if "://" in checkpoint:
+    uri = next((u for u in (checkpoint_uri, checkpoint) if u and "://" in u), None)
+    if uri is not None:
         from clipforget.storage import fetch
 
-        return str(fetch(checkpoint, sha256).path)
+        return str(fetch(uri, sha256).path)
     raise FileNotFoundError(f"checkpoint {checkpoint} is not readable on {socket.gethostname()}: a synthesis worker "
                             "needs the checkpoint at the same path (a shared volume) or an s3:// / file:// URI")
 
 
 @task(name="synthesize_chunk", tags=["gpu"], cache_policy=NONE, persist_result=False)
 def synthesize_chunk(arch: str, checkpoint: str, sha256: str, cells: list[str], targets: torch.Tensor,
-                     synthesis: dict, with_images: bool = False) -> dict:
+                     synthesis: dict, with_images: bool = False, checkpoint_uri: str | None = None) -> dict:
     """Prototypes of a chunk of cells, returned as data (not bank paths: a Ray worker on another machine
     does not share the caller's disk; the caller puts them into its bank).
 
@@ -112,7 +114,7 @@ def synthesize_chunk(arch: str, checkpoint: str, sha256: str, cells: list[str], 
     """
     logger = get_run_logger()
     config = SynthesisConfig(**synthesis)
-    model = loaded_model(arch, _local_checkpoint(checkpoint, sha256), sha256).model
+    model = loaded_model(arch, _local_checkpoint(checkpoint, sha256, checkpoint_uri), sha256).model
     device = str(next(model.parameters()).device)
     logger.info("synthesizing %d cells x %d prototypes on %s (%s, pid %d)", len(cells), config.prototypes_per_cell,
                 device, socket.gethostname(), os.getpid())
@@ -141,7 +143,7 @@ def _within(cells: list, subset: list) -> list:
 
 def synthesize(arch: str, checkpoint: str, sha256: str, text_file: str, cells: list[str], synthesis: dict,
                with_images: bool = False, cells_per_task: int | None = None,
-               gpus_per_task: float | None = None) -> dict:
+               gpus_per_task: float | None = None, checkpoint_uri: str | None = None) -> dict:
     """Visual prototypes per cell from the prototype bank, the missing cells synthesized by the flow's task runner.
 
     A plain function, not a task: called inside a flow, it submits one `synthesize_chunk` task per
@@ -181,7 +183,8 @@ def synthesize(arch: str, checkpoint: str, sha256: str, text_file: str, cells: l
 
         def args(chunk: list) -> dict:
             return {"arch": arch, "checkpoint": checkpoint, "sha256": sha256, "cells": cell_names(chunk),
-                    "targets": text_targets(text, chunk), "synthesis": synthesis, "with_images": with_images}
+                    "targets": text_targets(text, chunk), "synthesis": synthesis, "with_images": with_images,
+                    "checkpoint_uri": checkpoint_uri}
 
         def store(i: int, out: dict) -> None:
             protos = Prototypes(out["embeddings"], [c for c in parse_cells(out["cells"])
@@ -227,7 +230,7 @@ SYNTHESIS_DEPLOYMENT_ENV = "CLIPFORGET_SYNTHESIS_DEPLOYMENT"
 
 def synthesize_routed(arch: str, checkpoint: str, sha256: str, text_file: str, cells: list[str], synthesis: dict,
                       with_images: bool = False, cells_per_task: int | None = None,
-                      gpus_per_task: float | None = None) -> dict:
+                      gpus_per_task: float | None = None, checkpoint_uri: str | None = None) -> dict:
     """`synthesize`, with the missing cells sent to the gpu pool when `CLIPFORGET_SYNTHESIS_DEPLOYMENT` is set.
 
     With the variable set (a deployment name such as `synthesize-prototypes/gpu`, of the flow in
@@ -245,7 +248,7 @@ def synthesize_routed(arch: str, checkpoint: str, sha256: str, text_file: str, c
     missing = _missing(bank, sha256, cells, config, with_images) if name else []
     if not missing:
         return synthesize(arch, checkpoint, sha256, text_file, cells, synthesis, with_images, cells_per_task,
-                          gpus_per_task)
+                          gpus_per_task, checkpoint_uri)
     from prefect.deployments import run_deployment
 
     assert name is not None
@@ -253,7 +256,8 @@ def synthesize_routed(arch: str, checkpoint: str, sha256: str, text_file: str, c
     logger = _logger()
     logger.info("%d cells missing from the prototype bank: running deployment %s", len(missing), name)
     parameters = {"arch": arch, "checkpoint": checkpoint, "sha256": sha256, "text_file": text_file,
-                  "cells": list(cells), "synthesis": synthesis, "with_images": with_images}
+                  "cells": list(cells), "synthesis": synthesis, "with_images": with_images,
+                  "checkpoint_uri": checkpoint_uri}
     run: Any = run_deployment(name, parameters=parameters, timeout=None)  # a FlowRun (sync context)
     state = run.state
     if state is None or not state.is_completed():
@@ -265,7 +269,7 @@ def synthesize_routed(arch: str, checkpoint: str, sha256: str, text_file: str, c
         raise RuntimeError(f"deployment {name} completed (flow run {run.name}) but the prototype bank at {bank.root} "
                            f"still lacks {len(still)} cells: the gpu worker and this process must share "
                            "CLIPFORGET_CACHE (the same volume at the same path)")
-    out = synthesize(arch, checkpoint, sha256, text_file, cells, synthesis, with_images)
+    out = synthesize(arch, checkpoint, sha256, text_file, cells, synthesis, with_images, checkpoint_uri=checkpoint_uri)
     return {**out, "reused": len(cells) - len(_within(parse_cells(cells), missing)), "synthesized": len(missing),
             "seconds": round(time.perf_counter() - t0, 3)}
 
