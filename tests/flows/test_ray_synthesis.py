@@ -113,7 +113,8 @@ def test_routed_synthesis_runs_the_gpu_deployment_only_for_missing_cells(inputs,
 
     from flows.synthesize import synthesize_prototypes_flow
 
-    tiny = {**inputs, "cells": CELLS[:2], "synthesis": {**inputs["synthesis"], "steps": 4, "check_every": 2}}
+    tiny = {**inputs, "cells": CELLS[:2], "synthesis": {**inputs["synthesis"], "steps": 4, "check_every": 2},
+            "checkpoint_uri": TOY_WEIGHTS.as_uri()}  # forwarded, for a gpu worker without the caller's path
     calls: list[dict] = []
 
     def deployment(behaviour: str):
