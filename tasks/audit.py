@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from clipforget import compliance, registry
-from clipforget.forget import Outcome, cell_table
-from clipforget.grid import Grid
 from clipforget.models import sha256_file
-from clipforget.request import ForgetGroup, Thresholds, gate_checks
-from clipforget.steps import checks_table, evaluate_pair, parse_cells
-from tasks.common import loaded_model, work_root
-from tasks.validate import artifact_key, evaluation_images
+from clipforget.request import Thresholds
+from tasks.common import work_root
+from tasks.validate import artifact_key, measure
 
 
 @task(name="fetch_registered_weights", retries=2, retry_delay_seconds=5)
@@ -31,20 +27,11 @@ def audit_model(arch: str, base: dict, model: dict, grid: dict, groups: list[dic
                 synthesis: dict | None = None, data_uri: str | None = None) -> dict:
     """Per-cell accuracy of the base and the audited model, the policy's checks over every ledger group,
     and the forgotten cells the model recognizes again."""
-    from clipforget.models import load_model
-
-    g = Grid(grid["name"], tuple(grid["classes"]), tuple(grid["domains"]))
-    base_model = loaded_model(arch, base["path"], base["sha256"])
-    images, evaluation = evaluation_images(base_model, g, data_path, heldout_files, synthesis, data_uri)
-    before, after = evaluate_pair(base_model, load_model(arch, model["path"]), images, g)
-    forget_groups = [ForgetGroup(x["mode"], tuple(parse_cells(x["cells"]))) for x in groups]
-    policy = Thresholds(**thresholds)
-    forget = list(dict.fromkeys(c for x in forget_groups for c in x.cells))
-    table = cell_table(before, after, forget)
-    limits = compliance.forget_limits(forget_groups, policy)
-    return {"evaluation": evaluation, "checks": checks_table(gate_checks(forget_groups, before, after, policy)),
-            "metrics": asdict(Outcome.measure(before, after, forget)), "cells": table, "limits": limits,
-            "recognized": (lambda f: f.to_dict() if f else None)(compliance.recognized_again(table, limits))}
+    m = measure(arch, base, model, grid, groups, thresholds, data_path, heldout_files, synthesis, data_uri)
+    limits = compliance.forget_limits(m.groups, Thresholds(**thresholds))
+    recognized = compliance.recognized_again(m.table, limits)
+    return {"evaluation": m.evaluation, "checks": m.checks, "metrics": m.metrics, "cells": m.table, "limits": limits,
+            "recognized": recognized.to_dict() if recognized else None}
 
 
 @task(name="publish_governance_report", retries=2, retry_delay_seconds=5)
