@@ -17,9 +17,9 @@ from prefect.states import Failed
 
 from clipforget import registry
 from clipforget.atomic import write_json
-from clipforget.ledger import Entry
+from clipforget.ledger import Entry, Ledger
 from clipforget.request import DeletionRequest, ModelPolicy
-from flows.pipeline import Build, fetch_inputs, groups_of, run_pipeline
+from flows.pipeline import Build, Inputs, fetch_inputs, groups_of, run_pipeline
 from tasks.ledger import append_request, entry_of, ledger_location, read_ledger
 from tasks.register import find_registered, promote_model
 from tasks.runners import task_runner
@@ -44,7 +44,7 @@ def ledger_build(policy: ModelPolicy, entries: Sequence[Entry], location: str, r
 
 
 def build_at_head(policy: ModelPolicy, entries: Sequence[Entry], location: str, requested_by: str, promote: bool,
-                  report_path: str | None = None) -> dict:
+                  report_path: str | None = None, inputs: Inputs | None = None) -> dict:
     """Register the cumulative version for this head, unless it already is (then only promote if asked)."""
     logger = get_run_logger()
     build = ledger_build(policy, entries, location, requested_by)
@@ -57,7 +57,7 @@ def build_at_head(policy: ModelPolicy, entries: Sequence[Entry], location: str, 
             existing = promote_model(policy.registered_name, existing["version"])
         return {"request_id": build.version_id, "passed": True, "reused": True,
                 "registered": {"name": policy.registered_name, **existing}}
-    return run_pipeline(build, promote=promote, report_path=report_path)
+    return run_pipeline(build, promote=promote, report_path=report_path, inputs=inputs)
 
 
 @flow(name="deletion-request", flow_run_name="deletion-{request.request_id}", validate_parameters=True,
@@ -70,7 +70,8 @@ def deletion_request(request: DeletionRequest, policy: ModelPolicy | None = None
     location = ledger_location(ledger)
 
     # validate before anything is written: names on the policy's grid, and something left to retain
-    _, _, grid = fetch_inputs(policy)
+    inputs = fetch_inputs(policy)
+    grid = inputs[2]
     entries = [entry_of(d) for d in read_ledger(location)]
     cells = request.cells(grid)
     known = {c for g in groups_of([e.request for e in entries], grid) for c in g.cells}
@@ -80,12 +81,11 @@ def deletion_request(request: DeletionRequest, policy: ModelPolicy | None = None
 
     appended = append_request(location, request.request_id, request.ledger_record())
     entries = [entry_of(d) for d in read_ledger(location)]
-    covered = entries[: appended["seq"] + 1]
     if not appended["appended"]:
         logger.info("request %s is already in the ledger as entry %d", request.request_id, appended["seq"])
-    report = build_at_head(policy, entries, location, request.requested_by, promote, report_path)
+    report = build_at_head(policy, entries, location, request.requested_by, promote, report_path, inputs)
     report["deletion_request"] = {"request_id": request.request_id, "entry": appended["seq"],
-                                  "appended": appended["appended"], "covered_by_head": covered[-1].hash}
+                                  "appended": appended["appended"], "covered_by_head": appended["hash"]}
     if report_path:
         write_json(Path(report_path), report)
     if not report["passed"]:
@@ -98,8 +98,6 @@ def deletion_request(request: DeletionRequest, policy: ModelPolicy | None = None
 def rebuild(policy: ModelPolicy | None = None, ledger: str | None = None, head: str | None = None) -> dict:
     """Build (not register) the model of the ledger up to `head` (default: the current head) from the base
     checkpoint; the report's output sha256 equals the registered version's weights when nothing was altered."""
-    from clipforget.ledger import Ledger
-
     policy = policy or ModelPolicy()
     location = ledger_location(ledger)
     led = Ledger(location)

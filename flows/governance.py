@@ -59,6 +59,8 @@ def governance(policy: ModelPolicy | None = None, ledger: str | None = None, pro
                                         f"{v['ledger_head'][:16]}…, which is not in the ledger: entries were removed "
                                         "or changed after it was built"))
 
+    inputs = fetch_inputs(policy) if entries else None  # for the batch build and the audit
+
     # 2. pending entries: one cumulative build for the current head, unless it is registered already
     if entries and not findings:
         vid = version_id(entries, policy)
@@ -66,14 +68,13 @@ def governance(policy: ModelPolicy | None = None, ledger: str | None = None, pro
             covered = {r for v in versions for r in v["request_ids"]}
             pending = [e.request_id for e in entries if e.request_id not in covered]
             logger.info("processing %d pending request(s) in one batch: %s", len(pending), ", ".join(pending))
-            built = build_at_head(policy, entries, location, "governance", promote)
+            built = build_at_head(policy, entries, location, "governance", promote, inputs=inputs)
             report["processed"] = {"request_ids": pending, "version_id": vid,
                                    "version": (built.get("registered") or {}).get("version"),
                                    "rejected": built.get("rejected")}
             if not built["passed"]:
                 findings.append(Finding("build", f"the model for ledger head {entries[-1].hash[:16]}… was rejected: "
                                         f"{built['rejected']}", built.get("forget_cells", [])))
-            versions = registry.versions(name)
 
     # 3. the champion: covers every request, weights as registered, forgets every ledger cell, keeps the rest
     champ = registry.champion(name)
@@ -88,8 +89,8 @@ def governance(policy: ModelPolicy | None = None, ledger: str | None = None, pro
         if champ.get("sha256") and weights["sha256"] != champ["sha256"]:
             findings.append(Finding("weights", f"champion version {champ['version']}'s weights hash to "
                                     f"{weights['sha256'][:16]}…, not the registered {champ['sha256'][:16]}…"))
-        if entries:
-            base, data_path, grid = fetch_inputs(policy)
+        if inputs is not None:
+            base, data_path, grid = inputs
             groups = groups_of([e.request for e in entries], grid)
             missing = [(e, g) for e, g in zip(entries, groups, strict=True)
                        if e.request_id not in (champ.get("request_ids") or [])]

@@ -58,17 +58,22 @@ class Build:
         return "+".join(dict.fromkeys(s["mode"] for s in self.specs))
 
 
-def fetch_inputs(policy: ModelPolicy) -> tuple[dict, str | None, Grid]:
+Inputs = tuple[dict, str | None, Grid]  # base checkpoint {path, sha256, uri}, evaluation data folder, grid
+
+
+def fetch_inputs(policy: ModelPolicy) -> Inputs:
     """Step 0: the base checkpoint and evaluation data in the cache, and the grid."""
     base = fetch_checkpoint(policy.checkpoint_uri, policy.checkpoint_sha256)
     data_path = fetch_eval_data(policy.data_uri) if policy.data_uri else None
     return base, data_path, policy_grid(policy, data_path)
 
 
-def run_pipeline(build: Build, promote: bool = False, report_path: str | None = None, register: bool = True) -> dict:
+def run_pipeline(build: Build, promote: bool = False, report_path: str | None = None, register: bool = True,
+                 inputs: Inputs | None = None) -> dict:
     """Steps 1-6 and registration. Returns the report; `report["passed"]` says whether it was registered.
 
     With `register=False` the model is built and validated but not registered (a rebuild or a dry run).
+    `inputs`: the policy's inputs when the caller fetched them already.
     """
     logger = get_run_logger()
     policy = build.policy
@@ -81,7 +86,7 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
         timings[f"{name}_s"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
-    base, data_path, grid = fetch_inputs(policy)
+    base, data_path, grid = inputs or fetch_inputs(policy)
     step("fetch", t)
 
     # 1. cells: the forget cells of every request; every other cell of the grid is retained
