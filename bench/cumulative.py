@@ -17,10 +17,11 @@ import json
 import time
 
 import torch
+from results import render_features  # bench/results.py, beside this script
 
 from clipforget.atomic import write_json
 from clipforget.bank import PrototypeBank, load_prototypes, synthesize_with_bank
-from clipforget.evaluate import LabelledImages, ZeroShotClassifier, image_features
+from clipforget.evaluate import ZeroShotClassifier
 from clipforget.grid import forget_cells, resolve_grid, retain_cells
 from clipforget.method import cell_text_embeddings, default_config, fit_projection, text_targets
 from clipforget.models import load_model
@@ -28,7 +29,6 @@ from clipforget.nullspace import Projection
 from clipforget.prompts import TemplateSet
 from clipforget.request import ForgetGroup, Thresholds, cumulative_mode, gate_checks
 from clipforget.synthesis import SynthesisConfig
-from clipforget.toyworld.render import render_cells
 
 LEDGERS = {  # name: requests in ledger order (mode, classes, domains)
     "house/sketch, house/cartoon": [("domain", ["house"], ["sketch"]), ("domain", ["house"], ["cartoon"])],
@@ -55,12 +55,7 @@ def main() -> None:
     loaded = load_model("toy", device="cpu")
     grid = resolve_grid("toy")
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, TemplateSet())
-    renders = {}
-    for seed in SEEDS:
-        imgs, cells = render_cells(grid.cells, args.per_cell, seed)
-        evalset = LabelledImages.from_arrays(imgs, cells, loaded.preprocess)
-        feats = image_features(loaded.model, evalset.pixels)
-        renders[seed] = (feats, evalset.cells, classifier.evaluate(feats, evalset.cells))
+    renders = render_features(loaded, grid, classifier, SEEDS, args.per_cell)
     text = cell_text_embeddings(loaded.model, loaded.tokenizer, TemplateSet(), grid.cells)
     synth = SynthesisConfig()
     targets = dict(zip(grid.cells, text_targets(text, grid.cells), strict=True))

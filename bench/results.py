@@ -64,6 +64,17 @@ def embedding_geometry(features: torch.Tensor, cells, grid) -> dict[str, float]:
     return out
 
 
+def render_features(loaded, grid, classifier, seeds, per_cell: int) -> dict:
+    """Per render seed: the base model's image features of a fresh render, its cells and its per-cell report."""
+    renders = {}
+    for seed in seeds:
+        imgs, cells = render_cells(grid.cells, per_cell, seed)
+        evalset = LabelledImages.from_arrays(imgs, cells, loaded.preprocess)
+        feats = image_features(loaded.model, evalset.pixels)
+        renders[seed] = (feats, evalset.cells, classifier.evaluate(feats, evalset.cells))
+    return renders
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-cell", type=int, default=50)
@@ -83,13 +94,8 @@ def main() -> None:
     templates = TemplateSet()
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
     seeds = VALIDATION_SEEDS if args.tune else (TEST_SEED,)
-    renders = {}
-    for seed in seeds:
-        imgs, cells = render_cells(grid.cells, args.per_cell, seed)
-        evalset = LabelledImages.from_arrays(imgs, cells, loaded.preprocess)
-        feats = image_features(loaded.model, evalset.pixels)
-        base = classifier.evaluate(feats, evalset.cells)
-        renders[seed] = (feats, evalset.cells, base)
+    renders = render_features(loaded, grid, classifier, seeds, args.per_cell)
+    for seed, (_, cells, base) in renders.items():
         print(f"base accuracy {base.accuracy:.4f} on {len(cells)} images (seed {seed})", flush=True)
 
     text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates, grid.cells)
@@ -173,7 +179,7 @@ def main() -> None:
         "seed": seeds[0], "per_cell": args.per_cell, "synthesis": asdict(synth), "prototypes": protos.summary(),
         "base": {"accuracy": base.accuracy, "per_domain": {d: base.mean_over([c for c in grid.cells if c.domain == d])
                                                            for d in grid.domains}},
-        "geometry": embedding_geometry(feats, evalset.cells, grid),
+        "geometry": embedding_geometry(feats, cells, grid),
         "rows": rows, "tradeoff": tradeoff, "seconds": time.perf_counter() - t0,
     }
     if args.tune:

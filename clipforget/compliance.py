@@ -41,9 +41,8 @@ def forget_limits(groups: Iterable[ForgetGroup], thresholds: Thresholds) -> dict
 
 def recognized_again(table: Sequence[dict], limits: dict[str, float]) -> Finding | None:
     """Forgotten cells the audited model recognizes above their limit, worst first."""
-    over = sorted(((r["after"], f"{r['class']}/{r['domain']}", limits[f"{r['class']}/{r['domain']}"]) for r in table
-                   if f"{r['class']}/{r['domain']}" in limits and r["after"] > limits[f"{r['class']}/{r['domain']}"]
-                   + 1e-12), reverse=True)
+    cells = ((f"{r['class']}/{r['domain']}", r["after"]) for r in table)
+    over = sorted(((acc, c, limits[c]) for c, acc in cells if c in limits and acc > limits[c] + 1e-12), reverse=True)
     if not over:
         return None
     detail = ", ".join(f"{c} {acc:.2f} > {lim:.2f}" for acc, c, lim in over)
