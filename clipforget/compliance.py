@@ -99,6 +99,9 @@ def markdown(report: dict) -> str:
         head, sha = (champ.get("ledger_head") or "-")[:16], (champ.get("sha256") or "")[:16]
         lines.append(f"- champion: version {champ.get('version')} (ledger head `{head}`, covers "
                      f"{len(champ.get('request_ids') or [])} request(s), sha256 `{sha}`)")
+        if champ.get("pictures"):  # logged with the champion's build: heatmap and prototype strip
+            lines.append("- pictures of the champion's build: " + ", ".join(f"[{k}]({v})" for k, v in
+                                                                           champ["pictures"].items()))
     else:
         lines.append("- champion: none")
     audit = report.get("audit")

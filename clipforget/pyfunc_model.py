@@ -37,8 +37,9 @@ class ZeroShotCLIP(PythonModel):
         arch = cfg_path.stem
         if arch not in open_clip.list_models():
             open_clip.add_model_config(cfg_path)
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
-        open_clip.load_checkpoint(model, context.artifacts["weights"], strict=True, weights_only=True)
+        # the weights load while the model is created (not into a randomly initialized one afterwards)
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=context.artifacts["weights"],
+                                                                     weights_only=True)
         self.model = model.float().eval()
         self.preprocess = preprocess
         self.classifier = load_file(context.artifacts["classifier"])["classifier"].float()
@@ -58,7 +59,8 @@ class ZeroShotCLIP(PythonModel):
             return Image.fromarray(value.astype(np.uint8)).convert("RGB")
         raise TypeError(f"cannot read an image from {type(value).__name__}; send encoded PNG/JPEG bytes")
 
-    def predict(self, context, model_input, params=None):
+    # type hints: MLflow validates the input against the logged signature (a DataFrame with an `image` column)
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         torch = self._torch
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"image": list(model_input)})
         if "image" not in frame.columns:

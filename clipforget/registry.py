@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from clipforget.card import model_card
+
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "clipforget"
@@ -41,6 +43,11 @@ TAG_LEDGER = "clipforget.ledger"  # where the ledger lives (folder or s3:// pref
 TAG_LEDGER_HEAD = "clipforget.ledger_head"  # hash of the newest entry the version covers
 TAG_LEDGER_SEQ = "clipforget.ledger_seq"  # its sequence number
 TAG_REQUEST_IDS = "clipforget.request_ids"  # every request id the version covers, comma-separated
+TAG_PICTURES = "clipforget.pictures"  # name=artifact path of the run's pictures, comma-separated
+TAG_PASSED = "clipforget.passed"  # on runs of rejected builds: "false"
+# operator actions on the `champion` alias (clipforget models promote / rollback)
+TAG_PROMOTION_REASON = "clipforget.promotion_reason"
+TAG_ROLLED_BACK = "clipforget.rolled_back"  # on a version moved off `champion` by a rollback: the reason
 MAX_TAG_VALUE = 5000  # MLflow's limit on a tag value
 
 
@@ -160,8 +167,10 @@ def register(
     report: Mapping[str, Any],
     promote: bool = False,
     uri: str | None = None,
+    pictures: Mapping[str, str | Path] | None = None,
 ) -> RegisteredVersion:
-    """Log the pyfunc in an MLflow run, register it under `name` and set aliases (idempotent per request id)."""
+    """Log the pyfunc in an MLflow run, register it under `name` with its model card as the version's description,
+    and set aliases (idempotent per request id). `pictures` ({name: PNG path}) go to the run's `pictures/`."""
     import mlflow
     import pandas as pd
 
@@ -172,7 +181,7 @@ def register(
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=f"unlearn-{request_id}", tags=dict(tags)):
+    with mlflow.start_run(run_name=f"unlearn-{request_id}", tags=dict(tags)) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         mlflow.log_dict(dict(report), "report.json")
@@ -184,12 +193,54 @@ def register(
             input_example=pd.DataFrame({"image": [encode_png(example_image)]}),
             pip_requirements=pip_requirements(),
         )
+        for path in (pictures or {}).values():
+            mlflow.log_artifact(str(path), PICTURES_DIR)
+        run_id = str(run.info.run_id)
     c = client(uri)
-    mv = mlflow.register_model(info.model_uri, name, tags=dict(tags))
+    links = picture_links(run_id, pictures or {}, uri)
+    mv_tags = {**tags, TAG_PICTURES: ",".join(f"{k}={PICTURES_DIR}/{Path(p).name}" for k, p in (pictures or {}).items())}
+    mv = mlflow.register_model(info.model_uri, name, tags={k: v for k, v in mv_tags.items() if v})
+    # the model card: what consumers read on the model page without opening artifacts
+    c.update_model_version(name, mv.version, description=model_card(report, name, str(mv.version), links))
     c.set_registered_model_alias(name, CANDIDATE, mv.version)
     if promote:
         c.set_registered_model_alias(name, CHAMPION, mv.version)
     return _described(name, mv.version, created=True, uri=uri)
+
+
+PICTURES_DIR = "pictures"
+
+
+def artifact_url(run_id: str, path: str, uri: str | None = None) -> str:
+    """Where a person opens a run's artifact: the tracking server's download route for an http(s) server
+    (the MLflow UI's own link), else the artifact's location in the local store."""
+    from urllib.parse import quote
+
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/get-artifact?path={quote(path)}&run_uuid={run_id}"
+    return f"{client(uri).get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+
+
+def picture_links(run_id: str, pictures: Mapping[str, str | Path], uri: str | None = None) -> dict[str, str]:
+    """{name: URL} of pictures logged under `pictures/` of a run."""
+    return {k: artifact_url(run_id, f"{PICTURES_DIR}/{Path(p).name}", uri) for k, p in pictures.items()}
+
+
+def log_rejected(request_id: str, tags: Mapping[str, str], report: Mapping[str, Any],
+                 pictures: Mapping[str, str | Path], uri: str | None = None) -> tuple[str, dict[str, str]]:
+    """A run for a build the gate rejected (nothing is registered): its report and pictures. (run id, links)"""
+    import mlflow
+
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name=f"rejected-{request_id}", tags={**tags, TAG_PASSED: "false"}) as run:
+        mlflow.log_dict(dict(report), "report.json")
+        for path in pictures.values():
+            mlflow.log_artifact(str(path), PICTURES_DIR)
+        run_id = str(run.info.run_id)
+    return run_id, picture_links(run_id, pictures, uri)
 
 
 def promote(name: str, version: str, uri: str | None = None) -> None:
@@ -231,8 +282,18 @@ def _version_dict(mv: Any) -> dict:
         "ledger_head": tags.get(TAG_LEDGER_HEAD),
         "request_ids": (tags.get(TAG_REQUEST_IDS) or "").split(",") if tags.get(TAG_REQUEST_IDS) else [],
         "metrics": {k[len(TAG_METRIC_PREFIX):]: float(v) for k, v in tags.items() if k.startswith(TAG_METRIC_PREFIX)},
+        "run_id": getattr(mv, "run_id", None),
+        "pictures": _pictures_of(mv, tags),
         "tags": tags,
     }
+
+
+def _pictures_of(mv: Any, tags: Mapping[str, str]) -> dict[str, str]:
+    """{name: URL} of the pictures logged with a version's run (from its `clipforget.pictures` tag)."""
+    if not tags.get(TAG_PICTURES) or not getattr(mv, "run_id", None):
+        return {}
+    pairs = (item.split("=", 1) for item in tags[TAG_PICTURES].split(",") if "=" in item)
+    return {k: artifact_url(mv.run_id, path) for k, path in pairs}
 
 
 def list_models(uri: str | None = None) -> list[dict]:
@@ -349,3 +410,78 @@ def log_governance(report: Mapping[str, Any], markdown: str, plot: Path | None, 
             mlflow.log_artifact(str(plot), "governance")
         mlflow.log_metrics({"findings": float(len(report["findings"])), "compliant": float(bool(report["passed"]))})
         return str(run.info.run_id)
+
+
+def download_model(ref: str, dst: Path, uri: str | None = None) -> tuple[dict, Path]:
+    """A registered version (NAME@alias, NAME/version, models:/...) and its model folder downloaded into `dst`."""
+    import mlflow
+
+    info = show(ref if ref.startswith("models:/") else f"models:/{ref}", uri)
+    if "versions" in info:
+        raise ValueError(f"{ref}: name a version or an alias (NAME@champion, NAME/3)")
+    mlflow.set_tracking_uri(uri or tracking_uri())
+    mlflow.set_registry_uri(uri or tracking_uri())
+    root = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{info['name']}/{info['version']}",
+                                               dst_path=str(dst))
+    info["description"] = client(uri).get_model_version(info["name"], info["version"]).description or ""
+    return info, Path(root)
+
+
+# --- operator actions on `champion`: never a version that does not cover the whole ledger ---
+
+class PromotionRefused(ValueError):
+    """The version does not cover the whole ledger (or there is no version to roll back to)."""
+
+
+def coverage_gap(version: Mapping[str, Any], ledger_ids: Sequence[str], ledger_head: str | None) -> str | None:
+    """Why `version` does not cover the ledger (None when it covers every request up to the current head)."""
+    if not ledger_ids:
+        return None
+    missing = [r for r in ledger_ids if r not in (version.get("request_ids") or [])]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        return f"version {version['version']} was not built for request(s) {shown}"
+    if ledger_head and version.get("ledger_head") != ledger_head:
+        return (f"version {version['version']} was built for ledger head {str(version.get('ledger_head'))[:16]}…, "
+                f"not the current head {ledger_head[:16]}…")
+    return None
+
+
+def promote_checked(name: str, version: str, ledger_ids: Sequence[str], ledger_head: str | None, reason: str = "",
+                    uri: str | None = None) -> dict:
+    """Move `champion` to `version` if it covers the ledger; the reason is recorded as a version tag."""
+    target = show(f"{name}/{version}", uri)
+    gap = coverage_gap(target, ledger_ids, ledger_head)
+    if gap:
+        raise PromotionRefused(f"refusing to make {name} version {version} the champion: {gap}")
+    c = client(uri)
+    c.set_registered_model_alias(name, CHAMPION, str(version))
+    c.set_model_version_tag(name, str(version), TAG_PROMOTION_REASON, (reason or "promoted by hand")[:MAX_TAG_VALUE])
+    return show(f"{name}/{version}", uri)
+
+
+def rollback(name: str, ledger_ids: Sequence[str], ledger_head: str | None, reason: str,
+             uri: str | None = None) -> tuple[dict, dict]:
+    """Move `champion` back to the newest older version that covers the whole ledger and was never rolled back.
+    The reason is tagged on both versions. Returns (previous champion, new champion)."""
+    current = champion(name, uri)
+    if current is None:
+        raise PromotionRefused(f"{name} has no champion to roll back")
+    older = [v for v in versions(name, uri) if int(v["version"]) < int(current["version"])]
+    why: list[str] = []
+    for v in sorted(older, key=lambda v: -int(v["version"])):
+        gap = coverage_gap(v, ledger_ids, ledger_head)
+        if v["tags"].get(TAG_ROLLED_BACK):
+            gap = f"version {v['version']} was rolled back before ({v['tags'][TAG_ROLLED_BACK]})"
+        if v.get("status") not in (None, "READY"):
+            gap = f"version {v['version']} is {v['status']}"
+        if gap is None:
+            c = client(uri)
+            c.set_model_version_tag(name, current["version"], TAG_ROLLED_BACK, reason[:MAX_TAG_VALUE])
+            c.set_registered_model_alias(name, CHAMPION, v["version"])
+            c.set_model_version_tag(name, v["version"], TAG_PROMOTION_REASON,
+                                    f"rollback from version {current['version']}: {reason}"[:MAX_TAG_VALUE])
+            return current, show(f"{name}/{v['version']}", uri)
+        why.append(gap)
+    raise PromotionRefused(f"no version of {name} older than the champion (version {current['version']}) covers the "
+                           f"whole ledger: " + ("; ".join(why) if why else "there is none"))

@@ -9,10 +9,13 @@ from typing import Any
 
 import typer
 
+from flows import cli_models
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Training- and data-free unlearning for CLIP.")
 toy_app = typer.Typer(no_args_is_help=True, help="The toy world: renderer and toy model.")
 app.add_typer(toy_app, name="toy")
+cli_models.register(app)  # models list|show|promote|rollback, export, alerts install (flows/cli_models.py)
 
 MODEL = typer.Option("toy", "--model", help="'toy' or an open_clip architecture name such as ViT-B-32.")
 CHECKPOINT = typer.Option(None, "--checkpoint", help="Local checkpoint: safetensors or a torch state dict.")
@@ -290,14 +293,17 @@ def unlearn_cmd(
             fields["requested_by"] = requested_by
         request = UnlearnRequest(**fields)
         if grid is not None or model == "toy":  # a bad request fails before Prefect starts
-            forget_cells(_grid(grid, model, None), mode, cls_list, dom_list)
+            g = _grid(grid, model, None)
+            forget_cells(g, mode, cls_list, dom_list)
+            if data is not None and "://" not in data:  # a local folder: checked now (an S3 prefix in the flow)
+                from clipforget.data import check_labelled_folder
+
+                check_labelled_folder(data, g)
     except pydantic.ValidationError as e:
         _fail(ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())))
     except _user_errors() as e:
         _fail(e)
-    import os
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline by default; no telemetry
+    _offline_prefect()
     from flows.unlearn import unlearn
 
     json_out = json_out or Path("runs") / f"unlearn-{request.request_id}.json"
@@ -323,49 +329,6 @@ def unlearn_cmd(
     raise typer.Exit(1)
 
 
-models_app = typer.Typer(no_args_is_help=True, help="Registered unlearned models (MLflow registry).")
-app.add_typer(models_app, name="models")
-
-
-@models_app.command("list")
-def models_list(json_out: Path = typer.Option(None, "--json", help="Also write the listing as JSON.")) -> None:
-    """Registered models with their latest version and aliases."""
-    from clipforget import registry
-    from clipforget.atomic import write_json
-
-    rows = registry.list_models()
-    if json_out:
-        write_json(json_out, rows)
-    if not rows:
-        typer.echo(f"no registered models at {registry.tracking_uri()}")
-    for r in rows:
-        aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(r["aliases"].items())) or "no aliases"
-        typer.echo(f"{r['name']}: latest version {r['latest_version']} ({aliases})")
-
-
-@models_app.command("show")
-def models_show(
-    ref: str = typer.Argument(..., help="NAME, NAME@alias or NAME/version."),
-    json_out: Path = typer.Option(None, "--json", help="Also write the details as JSON."),
-) -> None:
-    """Versions, aliases and tags (request id, mode, forgotten cells, base sha256, metrics)."""
-    from clipforget import registry
-    from clipforget.atomic import write_json
-
-    try:
-        info = registry.show(ref)
-    except Exception as e:  # MlflowException: no such model, version or alias
-        _fail(ValueError(f"{ref}: {getattr(e, 'message', None) or e}"))
-    if json_out:
-        write_json(json_out, info)
-    for v in info.get("versions", [info]):
-        aliases = ", ".join(v["aliases"]) or "-"
-        metrics = ", ".join(f"{k} {val:.3f}" for k, val in sorted(v["metrics"].items())
-                            if k in ("forget_after", "retain_after", "retain_max_cell_drop"))
-        typer.echo(f"{info['name']} v{v['version']} [{aliases}] request {v['request_id']} by {v['requested_by']}: "
-                   f"{v['mode']} forgetting {', '.join(v['forget_cells'])}; base {str(v['base_sha256'])[:12]}; {metrics}")
-
-
 request_app = typer.Typer(no_args_is_help=True, help="Data-deletion requests and their ledger.")
 app.add_typer(request_app, name="request")
 LEDGER = typer.Option(None, "--ledger", help="Ledger folder or s3://bucket/prefix/ (default: CLIPFORGET_LEDGER, "
@@ -383,18 +346,26 @@ def _load_model_json(cls: Any, path: Path | None, what: str) -> Any:
 
     if path is None:
         return cls()
+    from clipforget.request import read_json_file
+
     try:
-        return cls.model_validate_json(path.read_text())
+        return cls.model_validate_json(read_json_file(path, what))
     except FileNotFoundError:
         _fail(FileNotFoundError(f"{what} file {path} does not exist"))
     except pydantic.ValidationError as e:
         _fail(ValueError(f"{path}: {_validation_message(e)}"))
+    except ValueError as e:  # too large, not UTF-8
+        _fail(e)
 
 
 def _offline_prefect() -> None:
+    """Before a command runs flows: no telemetry, and SIGTERM/Ctrl-C stop it within seconds (flows/interrupt.py)."""
     import os
 
+    from flows import interrupt
+
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline by default; no telemetry
+    interrupt.install("clipforget " + " ".join(sys.argv[1:3]))
 
 
 def _report_of(json_out: Path, state: Any) -> dict:
@@ -420,15 +391,17 @@ def request_submit(
     """Validate a deletion request, append it to the ledger and build + register the cumulative model."""
     import pydantic
 
-    from clipforget.request import DeletionRequest, ModelPolicy
+    from clipforget.request import DeletionRequest, ModelPolicy, read_json_file
     from tasks.ledger import ledger_location
 
     try:
-        request = DeletionRequest.model_validate_json(file.read_text())
+        request = DeletionRequest.model_validate_json(read_json_file(file, "request"))
     except FileNotFoundError:
         _fail(FileNotFoundError(f"request file {file} does not exist"))
     except pydantic.ValidationError as e:
         _fail(ValueError(f"{file}: {_validation_message(e)}"))
+    except ValueError as e:  # too large, not UTF-8
+        _fail(e)
     policy = _load_model_json(ModelPolicy, policy_file, "policy")
     location = ledger_location(ledger)
     try:

@@ -22,6 +22,7 @@ from clipforget.request import ModelPolicy
 from clipforget.steps import cell_names
 from flows.deletion_request import build_at_head, version_id
 from flows.pipeline import fetch_inputs, groups_of, heldout_images
+from tasks.alerts import emit_noncompliant
 from tasks.audit import audit_model, fetch_registered_weights, publish_governance_report
 from tasks.common import work_root
 from tasks.ledger import entry_of, ledger_location, read_ledger
@@ -84,7 +85,7 @@ def governance(policy: ModelPolicy | None = None, ledger: str | None = None, pro
                                     f"serves the {len(entries)} ledger request(s)"))
     else:
         report["champion"] = {k: champ.get(k) for k in ("version", "request_id", "ledger_head", "request_ids", "sha256",
-                                                        "base_sha256", "forget_cells")}
+                                                        "base_sha256", "forget_cells", "pictures")}
         weights = fetch_registered_weights(name, champ["version"])
         if champ.get("sha256") and weights["sha256"] != champ["sha256"]:
             findings.append(Finding("weights", f"champion version {champ['version']}'s weights hash to "
@@ -123,6 +124,7 @@ def governance(policy: ModelPolicy | None = None, ledger: str | None = None, pro
     if findings:
         for f in findings:
             logger.error("governance violation (%s): %s", f.kind, f.message)
+        emit_noncompliant(report)  # the alert: infra/automations/ reacts to this event
         return Failed(message="governance: " + " | ".join(f.message for f in findings))
     logger.info("governance: champion version %s of %s complies with %d ledger request(s)",
                 champ["version"] if champ else "-", name, len(entries or []))

@@ -23,6 +23,7 @@ from clipforget.steps import cell_names
 from tasks.common import work_root
 from tasks.fetch import fetch_checkpoint, fetch_eval_data
 from tasks.method import build_nullspace, fold_projection, generate_prompts, synthesize_routed
+from tasks.pictures import draw_pictures, publish_rejected
 from tasks.register import register_model
 from tasks.validate import validate
 
@@ -136,6 +137,9 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
                        policy.thresholds.model_dump(), data_path, heldout["paths"] if heldout else None, heldout_cfg,
                        policy.data_uri)
     step("validate", t)
+    # pictures: before/after heatmap and a prototype strip of the forgotten cells (tasks/pictures.py)
+    pictures = draw_pictures(build.version_id, policy.arch, base, text, grid_dict, verdict["cells"], cell_names(forget),
+                             asdict(synthesis), str(run_dir / "pictures"), heldout, cells) if register else None
 
     report = {
         "request_id": build.version_id,
@@ -164,6 +168,9 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     if failed:
         report["rejected"] = "; ".join(f"{c['name']} {c['value']:.4f} > {c['limit']:.4f}" for c in failed)
         logger.warning("rejected, not registered: %s", report["rejected"])
+        if pictures:
+            report["pictures"] = publish_rejected(build.version_id, build.tags, {k: v for k, v in report.items()
+                                                                                  if k not in ("before", "after")}, pictures)
         return done()
     if not register:
         return done()
@@ -177,7 +184,7 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
         policy.registered_name, build.version_id, build.version_digest, build.requested_by, policy.arch, grid_dict,
         build.mode, cell_names(forget), base["sha256"], unlearned, projection["path"], _example(data_path, heldout),
         verdict["metrics"], params, {k: v for k, v in report.items() if k not in ("before", "after")}, promote,
-        build.tags)
+        build.tags, pictures)
     step("register", t)
     logger.info("approved: %s version %s", policy.registered_name, report["registered"]["version"])
     return done()

@@ -33,10 +33,13 @@ def _example_image(path: str):
 @task(name="register_model", retries=2, retry_delay_seconds=5)
 def register_model(name: str, request_id: str, request_digest: str, requested_by: str, arch: str, grid: dict, mode: str,
                    forget: list[str], base_sha256: str, unlearned: dict, projection_file: str, example: str,
-                   metrics: dict, params: dict, report: dict, promote: bool, extra_tags: dict | None = None) -> dict:
-    """Log the pickle-free pyfunc, register it under `name`, alias `candidate` (and `champion` on promotion)."""
+                   metrics: dict, params: dict, report: dict, promote: bool, extra_tags: dict | None = None,
+                   pictures: dict | None = None) -> dict:
+    """Log the pickle-free pyfunc, register it under `name` with its model card, alias `candidate` (and
+    `champion` on promotion); `pictures` ({name: PNG}) go to the run and are linked from the Prefect run."""
     from clipforget.evaluate import ZeroShotClassifier
     from clipforget.models import load_model
+    from tasks.pictures import picture_artifacts
 
     logger = get_run_logger()
     g = _grid(grid)
@@ -49,7 +52,9 @@ def register_model(name: str, request_id: str, request_digest: str, requested_by
                                  unlearned["sha256"], arch, grid["name"], metrics)
     tags.update(extra_tags or {})
     rv = registry.register(name, request_id, artifacts, g.classes, _example_image(example), tags, params,
-                           metrics, report, promote)
+                           metrics, report, promote, pictures=pictures)
+    if rv.created:
+        picture_artifacts(request_id, registry.show(f"{name}/{rv.version}")["pictures"], f"{name} version {rv.version}")
     logger.info("%s version %s of %s (aliases: %s)", "registered" if rv.created else "already registered as",
                 rv.version, rv.name, ", ".join(rv.aliases) or "none")
     return rv.to_dict()
