@@ -37,8 +37,15 @@ class Grid:
         for what, names in (("class", self.classes), ("domain", self.domains)):
             if not names:
                 raise ValueError(f"grid {self.name!r} has no {what} names")
-            if len(set(names)) != len(names):
-                raise ValueError(f"grid {self.name!r} repeats a {what} name")
+            for n in names:
+                # a cell is named "class/domain" and cells are joined by "," in tags and reports
+                if not isinstance(n, str) or not n.strip() or n != n.strip() or any(c in n for c in "/,\\") \
+                        or any(ord(c) < 32 or ord(c) == 127 for c in n) or len(n) > 200:
+                    raise ValueError(f"grid {self.name!r} has a bad {what} name {n!r}: names are 1-200 characters "
+                                     "without '/', ',', '\\', control characters or surrounding spaces")
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"grid {self.name!r} repeats the {what} name(s) {', '.join(map(repr, repeated))}")
 
     @property
     def cells(self) -> list[Cell]:
@@ -50,9 +57,16 @@ class Grid:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-            return cls(path.stem, tuple(data["classes"]), tuple(data["domains"]))
+            classes, domains = data["classes"], data["domains"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"cannot read grid file {path}: expected JSON with 'classes' and 'domains' lists ({e})") from e
+            raise ValueError(f"cannot read grid file {path}: expected JSON with 'classes' and 'domains' lists "
+                             f"({type(e).__name__}: {e})") from e
+        if not isinstance(classes, list) or not isinstance(domains, list):
+            raise ValueError(f"grid file {path}: 'classes' and 'domains' must be lists of names")
+        try:
+            return cls(path.stem, tuple(classes), tuple(domains))
+        except ValueError as e:
+            raise ValueError(f"grid file {path}: {e}") from e
 
 
 def presets() -> list[str]:

@@ -33,6 +33,15 @@ def register_toy_config() -> None:
         open_clip.add_model_config(TOY_CONFIG)
 
 
+def check_arch(arch: str) -> None:
+    """ModelLoadError unless open_clip knows `arch` (the toy config included)."""
+    import open_clip
+
+    register_toy_config()
+    if arch not in open_clip.list_models():
+        raise ModelLoadError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -74,6 +83,42 @@ def canonical_metadata_order(path: str | Path) -> None:
             raise ValueError(f"{path}: canonical safetensors header is longer than the original ({len(out)} > {n})")
         f.seek(8)
         f.write(out + b" " * (n - len(out)))
+
+
+def check_safetensors(path: str | Path) -> dict[str, Any]:
+    """A safetensors file's header, checked against the file before any reader maps it: the header length,
+    JSON, and every tensor's byte range inside the data (a truncated file or a forged header fails here)."""
+    import json
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"{path.name} is not a safetensors file: {size} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ModelLoadError(f"{path.name} is truncated or not a safetensors file: its header claims {n} bytes "
+                                 f"but only {size - 8} follow")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise ModelLoadError(f"{path.name} is not a safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path.name} is not a safetensors file: its header is not a JSON object")
+    data = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            start, stop = (int(x) for x in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise ModelLoadError(f"{path.name} is not a safetensors file: tensor {key!r} has no data offsets") from None
+        if not 0 <= start <= stop <= data:
+            raise ModelLoadError(f"{path.name} is truncated: tensor {key!r} needs bytes {start}-{stop} of the data, "
+                                 f"the file holds {data}")
+    return header
 
 
 def image_normalizer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -127,9 +172,7 @@ def load_model(
     """
     import open_clip
 
-    register_toy_config()
-    if arch not in open_clip.list_models():
-        raise ModelLoadError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+    check_arch(arch)
     if checkpoint is not None and pretrained is not None:
         raise ModelLoadError("give either a checkpoint file or a pretrained tag, not both")
     if arch == TOY_ARCH and checkpoint is None and pretrained is None:
@@ -145,13 +188,24 @@ def load_model(
         if not path.is_file():
             raise ModelLoadError(f"checkpoint not found: {path}")
         sha = sha256_file(path)
+    name = Path(checkpoint).name if checkpoint is not None else "random weights"
+    if checkpoint is not None and str(checkpoint).endswith(".safetensors"):
+        check_safetensors(checkpoint)  # a truncated or forged header fails here, before any reader maps the file
     try:
         # open_clip reads safetensors, or torch state dicts with weights_only=True (no arbitrary unpickling)
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=None if checkpoint is None else str(checkpoint), weights_only=True)
     except Exception as e:  # a wrong file for this architecture, or a pickle that is not a plain state dict
-        name = Path(checkpoint).name if checkpoint is not None else "random weights"
-        raise ModelLoadError(f"cannot load {name} into {arch}: {type(e).__name__}: {str(e)[:500]}") from e
+        if type(e).__name__ == "UnpicklingError":
+            why = "it holds pickled Python objects, not a plain state dict; refused (only weights_only loading is allowed)"
+        else:
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"  # one line: state-dict errors span several
+        raise ModelLoadError(f"cannot load {name} into {arch}: {why}") from None
+    if checkpoint is not None:
+        bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ModelLoadError(f"cannot load {name} into {arch}: {len(bad)} tensor(s) hold NaN or Inf values "
+                                 f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     model.float().eval().to(pick_device(device))
     tokenizer = open_clip.get_tokenizer(arch)
     return LoadedModel(model, tokenizer, preprocess, arch, None if checkpoint is None else str(checkpoint), sha)

@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,6 +24,30 @@ from clipforget.grid import Cell, Grid, forget_cells
 from clipforget.synthesis import SynthesisConfig
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MAX_JSON_BYTES = 1 << 20  # a request or policy file; anything larger is not a request
+MAX_REQUESTER_CHARS = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def read_json_file(path: str | Path, what: str, limit: int = MAX_JSON_BYTES) -> str:
+    """The text of a request/policy JSON file; ValueError (one line) when it is too large or not UTF-8."""
+    path = Path(path)
+    size = path.stat().st_size  # FileNotFoundError for a missing file
+    if size > limit:
+        raise ValueError(f"{what} file {path} is {size} bytes; the limit is {limit} bytes (1 MiB)")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+
+
+def _one_line_name(v: str) -> str:
+    """Who asked: one printable line (it becomes an MLflow tag and a line of `request list`)."""
+    if _CONTROL.search(v):
+        raise ValueError("requested_by must be one line without control characters (newline, tab, ...)")
+    if not v.strip() or len(v) > MAX_REQUESTER_CHARS:
+        raise ValueError(f"requested_by must be 1-{MAX_REQUESTER_CHARS} characters")
+    return v
 
 
 def _default_user() -> str:
@@ -37,8 +62,10 @@ class Thresholds(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_forget_acc: float | None = Field(default=None, ge=0, le=1, description="largest accuracy a forget cell may keep")
-    max_retain_drop: float | None = Field(default=None, ge=0, le=1, description="largest accuracy drop of any retain cell")
+    max_forget_acc: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
+                                         description="largest accuracy a forget cell may keep")
+    max_retain_drop: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
+                                          description="largest accuracy drop of any retain cell")
     mode_criteria: bool = Field(default=True, description="also apply the mode's acceptance criteria (criteria.py)")
 
     @model_validator(mode="after")
@@ -51,13 +78,15 @@ class Thresholds(BaseModel):
 class SynthesisSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prototypes_per_cell: int = Field(default=8, ge=1)
-    steps: int = Field(default=300, ge=1)
-    target_cosine: float | None = Field(default=None, description="default: 0.77 for the toy model, 0.30 otherwise")
+    # upper bounds: a budget beyond them is a typo (10**6 prototypes per cell would run for weeks), not a setting
+    prototypes_per_cell: int = Field(default=8, ge=1, le=1024)
+    steps: int = Field(default=300, ge=1, le=100_000)
+    target_cosine: float | None = Field(default=None, gt=-1, le=1, allow_inf_nan=False,
+                                        description="default: 0.77 for the toy model, 0.30 otherwise")
     seed: int = 0
     # a cell's accuracy moves in steps of 1/n: with 10 held-out prototypes per cell one flipped image is a 0.10
     # drop, the finest per-cell limit of the mode criteria; with fewer, one flip alone would reject a model
-    heldout_per_cell: int = Field(default=10, ge=1, description="held-out prototypes per cell for data-free "
+    heldout_per_cell: int = Field(default=10, ge=1, le=1024, description="held-out prototypes per cell for data-free "
                                   "validation")
 
     def config(self, arch: str) -> SynthesisConfig:
@@ -98,8 +127,23 @@ class ModelPolicy(BaseModel):
             raise ValueError("checkpoint_sha256 must be a sha256 hex digest")
         return v
 
+    @field_validator("checkpoint_uri", "data_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        from clipforget.storage import Location
+
+        if v is not None:
+            loc = Location.parse(v)  # ValueError names a malformed or unsupported URI
+            if loc.scheme == "s3" and not loc.key.strip("/"):
+                raise ValueError(f"{v}: an S3 URI needs a key or prefix after the bucket, s3://bucket/key")
+            if not loc.key:
+                raise ValueError(f"{v!r} names no file")
+        return v
+
     @model_validator(mode="after")
     def _name(self) -> ModelPolicy:
+        if self.arch != "toy" and self.checkpoint_uri is None:
+            raise ValueError(f"arch {self.arch!r} needs checkpoint_uri: the bundled weights are the toy model's")
         if self.registered_name is None:
             self.registered_name = f"clipforget-{self.arch}"
         return self
@@ -119,10 +163,12 @@ class DeletionRequest(BaseModel):
 
     request_id: str = Field(pattern=ID_PATTERN, description="unique id; submitting the same id again is a no-op")
     requested_by: str = Field(default_factory=_default_user)
-    reason: str = ""
+    reason: str = Field(default="", max_length=4000)
     mode: Mode
-    classes: list[str] = []
-    domains: list[str] = []
+    classes: list[str] = Field(default=[], max_length=10_000)
+    domains: list[str] = Field(default=[], max_length=10_000)
+
+    _requester = field_validator("requested_by")(_one_line_name)
 
     def ledger_record(self) -> dict:
         return self.model_dump()
@@ -141,6 +187,8 @@ class UnlearnRequest(ModelPolicy):
     classes: list[str] = []
     domains: list[str] = []
     promote: bool = Field(default=False, description="also move the `champion` alias to the approved version")
+
+    _requester = field_validator("requested_by")(_one_line_name)
 
     @model_validator(mode="after")
     def _ids(self) -> UnlearnRequest:

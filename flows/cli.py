@@ -365,7 +365,7 @@ def _offline_prefect() -> None:
     from flows import interrupt
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline by default; no telemetry
-    interrupt.install("clipforget " + " ".join(sys.argv[1:3]))
+    interrupt.install(" ".join(["clipforget", *(a for a in sys.argv[1:3] if not a.startswith("-"))]))
 
 
 def _report_of(json_out: Path, state: Any) -> dict:

@@ -17,7 +17,9 @@ from prefect.states import Failed
 
 from clipforget import registry
 from clipforget.atomic import write_json
+from clipforget.data import list_labelled_images
 from clipforget.ledger import Entry, Ledger
+from clipforget.models import check_arch
 from clipforget.request import DeletionRequest, ModelPolicy
 from flows.pipeline import Build, Inputs, fetch_inputs, groups_of, run_pipeline
 from tasks.ledger import append_request, entry_of, ledger_location, read_ledger
@@ -69,9 +71,13 @@ def deletion_request(request: DeletionRequest, policy: ModelPolicy | None = None
     policy = policy or ModelPolicy()
     location = ledger_location(ledger)
 
-    # validate before anything is written: names on the policy's grid, and something left to retain
+    # validate before anything is written: the architecture, the evaluation data on the policy's grid, the names
+    # on that grid, and something left to retain
+    check_arch(policy.arch)
     inputs = fetch_inputs(policy)
     grid = inputs[2]
+    if inputs[1] is not None:
+        list_labelled_images(inputs[1], grid)  # cells outside the grid fail now, not after synthesis
     entries = [entry_of(d) for d in read_ledger(location)]
     cells = request.cells(grid)
     known = {c for g in groups_of([e.request for e in entries], grid) for c in g.cells}

@@ -1,6 +1,8 @@
-"""Step 0: the inputs, fetched into the local content-addressed cache."""
+"""Step 0: the inputs, fetched into the local content-addressed cache and checked before any work."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
@@ -12,11 +14,21 @@ from tasks.common import retry_if_transient
 @task(name="fetch_checkpoint", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_condition_fn=retry_if_transient)
 def fetch_checkpoint(uri: str | None, sha256: str | None = None) -> dict:
-    """`s3://`, `file://` or a path (None: the bundled toy weights) → {path, sha256, uri, cached}."""
-    from clipforget.models import TOY_WEIGHTS
+    """`s3://`, `file://` or a path (None: the bundled toy weights) → {path, sha256, uri, cached}.
+
+    A safetensors checkpoint's header is checked against the file at once (a truncated file or a forged header
+    fails here, naming the problem), and a freshly fetched file that fails leaves nothing in the cache."""
+    from clipforget.models import TOY_WEIGHTS, ModelLoadError, check_safetensors
 
     logger = get_run_logger()
     got = fetch(uri or TOY_WEIGHTS, sha256, log=logger.warning)
+    if got.path.suffix == ".safetensors":
+        try:
+            check_safetensors(got.path)
+        except ModelLoadError as e:
+            if not got.cached:
+                Path(got.path).unlink(missing_ok=True)
+            raise ModelLoadError(f"{got.uri}: {e}") from None
     logger.info("checkpoint %s: sha256 %s (%s)", got.uri, got.sha256, "cache hit" if got.cached else "fetched")
     return got.to_dict()
 
@@ -24,7 +36,11 @@ def fetch_checkpoint(uri: str | None, sha256: str | None = None) -> dict:
 @task(name="fetch_eval_data", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_condition_fn=retry_if_transient)
 def fetch_eval_data(uri: str) -> str:
-    """A labelled `<domain>/<class>/` folder: local in place, an S3 prefix mirrored into the cache."""
+    """A labelled `<domain>/<class>/` folder: local in place, an S3 prefix mirrored into the cache. Every image is
+    checked (layout, symlinks out of the folder, not an image, corrupt, too small or too large) before any work."""
+    from clipforget.data import check_labelled_folder
+
     path = fetch_tree(uri, log=get_run_logger().warning)
-    get_run_logger().info("evaluation data %s at %s", uri, path)
+    items = check_labelled_folder(path)
+    get_run_logger().info("evaluation data %s at %s: %d images checked", uri, path, len(items))
     return str(path)
