@@ -121,6 +121,27 @@ def check_safetensors(path: str | Path) -> dict[str, Any]:
     return header
 
 
+def _misfit(arch: str, checkpoint: str | Path | None) -> str | None:
+    """For a safetensors file that did not load: which tensors are missing, unexpected or of another shape."""
+    if checkpoint is None or not str(checkpoint).endswith(".safetensors"):
+        return None
+    import open_clip
+
+    try:
+        header = check_safetensors(checkpoint)
+        want = {k: list(v.shape) for k, v in open_clip.create_model(arch).state_dict().items()}
+    except Exception:
+        return None
+    have = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    shape = [f"{k} {have[k]} vs {want[k]}" for k in want if k in have and have[k] != want[k]]
+    parts = [f"{len(ks)} {what} ({', '.join(ks[:3])}{', ...' if len(ks) > 3 else ''})"
+             for what, ks in (("missing tensor(s)", missing), ("unexpected tensor(s)", unexpected),
+                              ("tensor(s) of another shape", shape)) if ks]
+    return f"the state dict does not fit {arch}: " + "; ".join(parts) if parts else None
+
+
 def image_normalizer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """Normalize float images [B,3,H,W] in [0,1] with the model's own preprocessing mean/std."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -199,7 +220,8 @@ def load_model(
         if type(e).__name__ == "UnpicklingError":
             why = "it holds pickled Python objects, not a plain state dict; refused (only weights_only loading is allowed)"
         else:
-            why = f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"  # one line: state-dict errors span several
+            why = _misfit(arch, checkpoint) or \
+                f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"  # one line: state-dict errors span several
         raise ModelLoadError(f"cannot load {name} into {arch}: {why}") from None
     if checkpoint is not None:
         bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -197,7 +197,7 @@ def _fetch_s3(loc: Location, uri: str, expected: str | None, root: Path, suffix:
                             backoff, log)
     except ClientError as e:
         if _client_error_code(e) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
-            raise NotFoundError(f"{uri}: no such object") from e
+            raise NotFoundError(f"{uri}: {_missing(client, loc.bucket)}") from None
         raise StorageError(f"{uri}: {_client_error_code(e) or type(e).__name__}: cannot read the object") from e
     declared = _normalize_digest((head.get("Metadata") or {}).get("sha256"), f"{uri}'s sha256 metadata")
     if expected is not None and declared is not None and declared != expected:
@@ -211,6 +211,16 @@ def _fetch_s3(loc: Location, uri: str, expected: str | None, root: Path, suffix:
 
     final, got = with_retries(download, f"{uri}: download", attempts, backoff, log)
     return Fetched(final, got, uri, cached=False)
+
+
+def _missing(client: Any, bucket: str) -> str:
+    """What a 404 on an object means: no such bucket, or no such key in it (a HEAD response has no error body)."""
+    try:
+        client.head_bucket(Bucket=bucket)
+    except Exception as e:
+        if _client_error_code(e) in ("404", "NoSuchBucket", "NotFound"):
+            return f"bucket {bucket!r} does not exist"
+    return "no such object"
 
 
 def _list_s3(client: Any, bucket: str, prefix: str) -> Iterator[dict]:
@@ -243,8 +253,15 @@ def fetch_tree(uri: str | Path, cache: Path | None = None, attempts: int = 4, ba
         return Path(loc.key)
     client = s3_client()
     prefix = loc.key if loc.key.endswith("/") or not loc.key else loc.key + "/"
-    objects = with_retries(lambda: sorted(_list_s3(client, loc.bucket, prefix), key=lambda o: o["Key"]),
-                           f"{uri}: list", attempts, backoff, log)
+    from botocore.exceptions import ClientError
+
+    try:
+        objects = with_retries(lambda: sorted(_list_s3(client, loc.bucket, prefix), key=lambda o: o["Key"]),
+                               f"{uri}: list", attempts, backoff, log)
+    except ClientError as e:
+        if _client_error_code(e) in ("404", "NoSuchBucket", "NotFound"):
+            raise NotFoundError(f"{uri}: bucket {loc.bucket!r} does not exist") from None
+        raise StorageError(f"{uri}: {_client_error_code(e) or type(e).__name__}: cannot list the prefix") from None
     objects = [o for o in objects if not o["Key"].endswith("/")]
     if not objects:
         raise NotFoundError(f"{uri}: no objects under this prefix")

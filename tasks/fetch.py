@@ -38,9 +38,17 @@ def fetch_checkpoint(uri: str | None, sha256: str | None = None) -> dict:
 def fetch_eval_data(uri: str) -> str:
     """A labelled `<domain>/<class>/` folder: local in place, an S3 prefix mirrored into the cache. Every image is
     checked (layout, symlinks out of the folder, not an image, corrupt, too small or too large) before any work."""
+    import shutil
+
     from clipforget.data import check_labelled_folder
+    from clipforget.storage import cache_root
 
     path = fetch_tree(uri, log=get_run_logger().warning)
-    items = check_labelled_folder(path)
+    try:
+        items = check_labelled_folder(path)
+    except ValueError:
+        if path.is_relative_to(cache_root() / "trees"):  # a mirror of bad data is not kept as if it were usable
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     get_run_logger().info("evaluation data %s at %s: %d images checked", uri, path, len(items))
     return str(path)
