@@ -117,8 +117,10 @@ def hard_projection(
     else:
         Fp = Fw
     Uf, sf, _ = torch.linalg.svd(Fp, full_matrices=False)
-    # directions with negligible singular values are rounding noise, not forget directions
-    keep = sf > sf[0] * 1e-6 if sf.numel() and sf[0] > 0 else torch.zeros_like(sf, dtype=torch.bool)
+    # directions with negligible singular values are rounding noise, not forget directions: negligible next to
+    # the top one, and next to F itself (when F lies inside the retain subspace, Fp is all rounding noise)
+    floor = 1e-9 * float(torch.linalg.matrix_norm(Fw, ord=2)) if Fw.numel() else 0.0
+    keep = sf > max(float(sf[0]) * 1e-6, floor) if sf.numel() and sf[0] > 0 else torch.zeros_like(sf, dtype=torch.bool)
     k = min(_energy_rank(sf[keep], energy), int(keep.sum()))
     if max_rank is not None:
         k = min(k, max_rank)

@@ -25,6 +25,15 @@ import pytest
 
 from clipforget.models import TOY_WEIGHTS, sha256_file
 
+try:  # hypothesis keeps caches in ./.hypothesis unless told otherwise: not in the repository
+    import tempfile
+
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(tempfile.mkdtemp(prefix="hypothesis-"))
+except ImportError:  # pragma: no cover - hypothesis is in the dev extra
+    pass
+
 BUCKET = "clipforget-test"
 CHECKPOINT_KEY = "models/toy.safetensors"
 
