@@ -161,7 +161,9 @@ def test_mlflow_models_serve_answers_a_rest_request(registered, servers, tmp_pat
 
     port = _free_port()
     log = tmp_path / "serve.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": servers["mlflow"]}
+    # as in an activated virtualenv: MLflow starts the scoring server with the environment's `uvicorn`
+    env = {**os.environ, "MLFLOW_TRACKING_URI": servers["mlflow"],
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
                                  "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
