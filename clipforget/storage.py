@@ -118,8 +118,11 @@ def s3_client() -> Any:
     from botocore.config import Config
 
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    # a stalled endpoint fails a call after CLIPFORGET_S3_TIMEOUT seconds (default 60) instead of hanging, and is retried
+    timeout = float(os.environ.get("CLIPFORGET_S3_TIMEOUT") or 60)
     # botocore's own retries stay on; ours wrap whole operations (a download that breaks half-way)
-    return boto3.client("s3", region_name=region, config=Config(retries={"max_attempts": 3, "mode": "standard"}))
+    return boto3.client("s3", region_name=region, config=Config(retries={"max_attempts": 3, "mode": "standard"},
+                                                                connect_timeout=min(timeout, 10.0), read_timeout=timeout))
 
 
 def _client_error_code(error: BaseException) -> str:

@@ -1,0 +1,197 @@
+"""A full deletion request with a distinctive secret in every credential variable, on the data-free path that
+`make demo` and a policy without `data_uri` run (held-out prototypes, no evaluation images): S3 checkpoint and S3
+ledger (moto server), Prefect (test harness), MLflow server. Then every output is searched for the secrets:
+the command's output, every log record, the Prefect API's logs, artifacts, flow and task runs, every MLflow
+run's params, tags and artifacts, the registered version's tags and files, the reports, the ledger and every
+file of the cache. Tiny synthesis budgets (2 prototypes per cell, 10 steps) keep it to seconds; the gate is
+set to pass (this run is about what is written where, not about the model), and `unlearn` below runs the same
+path with the mode's real criteria.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIARELIABILITY7Q3XZ",
+    "AWS_SECRET_ACCESS_KEY": "rel-aws-secret-5e1f0c9b2d7a4e83b6",
+    "AWS_SESSION_TOKEN": "rel-aws-session-token-77c2d1e9f0",
+    "MLFLOW_TRACKING_USERNAME": "rel-mlflow-user-3b9e55",
+    "MLFLOW_TRACKING_PASSWORD": "rel-mlflow-password-a41f08",
+    "MLFLOW_TRACKING_TOKEN": "rel-mlflow-token-c0ffee9876",
+    "PREFECT_API_KEY": "rel-prefect-key-d00d1e2f3a",
+}
+TINY = {"prototypes_per_cell": 2, "steps": 10, "heldout_per_cell": 2}
+MARKUP = "Alice <alice@example.com> | **privacy** `team` [x](javascript:alert(1))"
+NAME = "rel-secrets"
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(logging.Formatter("%(name)s %(levelname)s %(message)s").format(record))
+
+
+@pytest.fixture(scope="module")
+def secret_run(servers, tmp_path_factory):
+    ws = tmp_path_factory.mktemp("secrets")
+    ledger = f"s3://{servers['bucket']}/ledger/{NAME}/"
+    request = ws / "request.json"
+    request.write_text(json.dumps({"request_id": "dsr-secret", "requested_by": MARKUP, "reason": "erasure request",
+                                   "mode": "global", "classes": ["star"]}))
+    policy = ws / "policy.json"
+    policy.write_text(json.dumps({"checkpoint_uri": servers["checkpoint"], "registered_name": NAME, "synthesis": TINY,
+                                  "thresholds": {"mode_criteria": False, "max_forget_acc": 1.0, "max_retain_drop": 1.0}}))
+    handler = Records()
+    loggers = [logging.getLogger(n) for n in ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "mlflow",
+                                              "botocore", "boto3", "clipforget")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        mp.setenv("CLIPFORGET_CACHE", str(ws / "cache"))
+        for k, v in SECRETS.items():
+            mp.setenv(k, v)
+        for lg in loggers:
+            lg.addHandler(handler)
+        try:
+            runner = CliRunner()
+            submit = runner.invoke(app, ["request", "submit", str(request), "--policy", str(policy), "--ledger", ledger,
+                                         "--promote", "--json", str(ws / "report.json")])
+            show = runner.invoke(app, ["request", "show", "dsr-secret", "--ledger", ledger, "--policy", str(policy)])
+            models = runner.invoke(app, ["models", "show", f"{NAME}@champion"])
+            failing = runner.invoke(app, ["unlearn", "--mode", "global", "--classes", "star", "--registered-name", NAME,
+                                          "--checkpoint", f"s3://{servers['bucket']}/models/missing.safetensors"])
+        finally:
+            for lg in loggers:
+                lg.removeHandler(handler)
+    return {"ws": ws, "ledger": ledger, "submit": submit, "outputs": [submit, show, models, failing],
+            "log": handler.lines, "report": _report(ws / "report.json", submit), "servers": servers}
+
+
+def _report(path: Path, result) -> dict:
+    assert path.is_file(), f"no report; the command said:\n{result.output[-3000:]}"
+    return json.loads(path.read_text())
+
+
+def _prefect_texts() -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    texts = []
+    with get_client(sync_client=True) as c:
+        texts += [f"{lg.name} {lg.message}" for lg in c.read_logs(limit=None) or []]
+        texts += [json.dumps(a.model_dump(mode="json")) for a in c.read_artifacts()]
+        texts += [json.dumps(r.model_dump(mode="json")) for r in c.read_flow_runs()]
+        texts += [json.dumps(r.model_dump(mode="json")) for r in c.read_task_runs()]
+    return texts
+
+
+def _mlflow_texts(tmp: Path) -> tuple[list[str], list[bytes]]:
+    from clipforget import registry
+
+    c = registry.client()
+    texts, blobs = [], []
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    for run in runs:
+        texts.append(json.dumps({"params": run.data.params, "tags": run.data.tags, "metrics": list(run.data.metrics),
+                                 "name": run.info.run_name}))
+        local = Path(c.download_artifacts(run.info.run_id, "", str(tmp / run.info.run_id)))
+        blobs += [p.read_bytes() for p in local.rglob("*") if p.is_file()]
+    for m in c.search_registered_models():
+        texts.append(json.dumps({"name": m.name, "description": m.description, "tags": m.tags}))
+        for v in c.search_model_versions(f"name = '{m.name}'"):
+            texts.append(json.dumps({"tags": v.tags, "description": v.description, "source": v.source}))
+    return texts, blobs
+
+
+def test_data_free_deletion_request_registers_a_version_judged_on_heldout_prototypes(secret_run, checked):
+    r, report = secret_run["submit"], secret_run["report"]
+    assert r.exit_code == 0, r.output
+    assert "held-out prototypes" in report["evaluation"] and "images" not in report["evaluation"].split("(")[0]
+    assert len(report["cells"]) == 40 and {c["n"] for c in report["cells"]} == {TINY["heldout_per_cell"]}
+    assert report["policy"]["data_uri"] is None and report["passed"] is True
+    from clipforget import registry
+
+    champ = registry.champion(NAME)
+    assert champ is not None and champ["version"] == report["registered"]["version"]
+    assert champ["request_ids"] == ["dsr-secret"] and champ["sha256"] == report["output"]["sha256"]
+    checked("request submit with a policy without data_uri: validated on 2 held-out prototypes in each of 40 "
+            "cells, registered and promoted, tags name the request", bad_registrations=0)
+
+
+def test_no_secret_reaches_any_output(secret_run, tmp_path, checked):
+    from clipforget.ledger import Ledger
+
+    texts = [o.output for o in secret_run["outputs"]] + secret_run["log"] + _prefect_texts()
+    ml_texts, blobs = _mlflow_texts(tmp_path)
+    texts += ml_texts
+    texts += [json.dumps(e.to_dict()) for e in Ledger(secret_run["ledger"]).entries()]
+    files = [p for p in secret_run["ws"].rglob("*") if p.is_file()]
+    blobs += [p.read_bytes() for p in files]
+    assert len(texts) > 50 and len(blobs) > 20 and any("dsr-secret" in t for t in texts)  # the search saw the run
+    assert "no such object" in secret_run["outputs"][-1].output  # and a failure's message
+    found = [(k, i) for k, v in SECRETS.items() for i, t in enumerate(texts) if v in t]
+    found += [(k, -i) for k, v in SECRETS.items() for i, b in enumerate(blobs) if v.encode() in b]
+    assert found == []
+    checked(f"{len(SECRETS)} credential variables set to distinctive values; searched {len(texts)} texts (command "
+            f"output, log records, Prefect logs/artifacts/runs, MLflow params/tags/versions, ledger) and {len(blobs)} "
+            "files (MLflow artifacts, reports, cache): 0 secrets found", secrets_found=len(found))
+
+
+def test_only_whitelisted_bounded_tags_and_markup_kept_verbatim(secret_run, checked):
+    from clipforget import registry
+
+    allowed = {v for k, v in vars(registry).items() if k.startswith("TAG_") and isinstance(v, str)}
+    c = registry.client()
+    version = c.get_model_version(NAME, secret_run["report"]["registered"]["version"])
+    tags = version.tags
+    assert tags and all(k in allowed or k.startswith(registry.TAG_METRIC_PREFIX) for k in tags), sorted(tags)
+    assert all(len(v) <= registry.MAX_TAG_VALUE and not any(ord(ch) < 32 for ch in v) for v in tags.values())
+    assert tags[registry.TAG_REQUESTED_BY] == MARKUP  # stored as given, one line, never rendered as markup
+    run_tags = c.get_run(version.run_id).data.tags
+    assert all(k in allowed or k.startswith((registry.TAG_METRIC_PREFIX, "mlflow.")) for k in run_tags), sorted(run_tags)
+    listing = CliRunner().invoke(app, ["request", "list", "--ledger", secret_run["ledger"]])
+    assert listing.exit_code == 0 and sum("dsr-secret" in line for line in listing.output.splitlines()) == 1
+    checked(f"{len(tags)} version tags, all whitelisted, each <= {registry.MAX_TAG_VALUE} characters without control "
+            "characters; requested_by with markup stored verbatim on one line; `request list` keeps one line per entry")
+
+
+@pytest.fixture(scope="module")
+def demo_run(servers, tmp_path_factory):
+    """`clipforget unlearn` as `make demo` runs it (bundled toy weights, no data), with tiny budgets and the mode's
+    own criteria: on 2 held-out prototypes a cell moves in steps of 0.5, so the gate may go either way."""
+    ws = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        mp.setenv("CLIPFORGET_CACHE", str(ws / "cache"))
+        r = CliRunner().invoke(app, ["unlearn", "--mode", "global", "--classes", "star", "--registered-name", "rel-demo",
+                                     "--prototypes-per-cell", "2", "--steps", "10", "--heldout-per-cell", "2",
+                                     "--json", str(ws / "report.json")])
+    return r, _report(ws / "report.json", r)
+
+
+def test_data_free_unlearn_registers_exactly_when_the_gate_passes(demo_run, checked):
+    from clipforget import registry
+
+    r, report = demo_run
+    assert report["evaluation"].startswith("held-out prototypes") and len(report["cells"]) == 40
+    assert {c["n"] for c in report["cells"]} == {2}
+    failed = [c for c in report["checks"] if not c["passed"]]
+    versions = registry.versions("rel-demo")
+    if failed:
+        assert r.exit_code == 1 and "rejected, nothing registered" in r.output and versions == []
+        assert report["registered"] is None
+    else:
+        assert r.exit_code == 0 and "approved: registered rel-demo version 1" in r.output
+        assert [v["version"] for v in versions] == ["1"] and versions[0]["sha256"] == report["output"]["sha256"]
+    checked(f"unlearn without --data (the make demo path), tiny budgets, the mode's criteria: "
+            f"{'rejected, nothing registered' if failed else 'approved, registered once'}; report on held-out "
+            "prototypes", bad_registrations=0)
