@@ -28,7 +28,11 @@ _NOT_IN_KEY = ("batch_size",)
 
 
 def settings_key(config: SynthesisConfig) -> dict:
-    return {k: v for k, v in asdict(config).items() if k not in _NOT_IN_KEY}
+    """The settings that decide a prototype; `precision` as it runs here (auto resolves to fp32 or bf16), so
+    prototypes of either precision stay valid and are never mixed up."""
+    from clipforget.models import pick_device
+
+    return {k: v for k, v in asdict(config.resolved(pick_device())).items() if k not in _NOT_IN_KEY}
 
 
 def cell_key(checkpoint_sha256: str, cell: Cell, config: SynthesisConfig, with_images: bool = False) -> str:
@@ -122,13 +126,15 @@ def synthesize_with_bank(
     with_images: bool = False,
     progress: Callable[[dict], None] | None = None,
 ) -> tuple[list[Path], BankReport]:
-    """Bank files for `cells`, synthesizing (in one batch) only the cells the bank lacks."""
+    """Bank files for `cells`, synthesizing (in one batch) only the cells the bank lacks.
+
+    Each cell is banked as soon as its prototypes are finished: an interrupted run keeps the finished cells,
+    and a rerun synthesizes only the rest."""
     t0 = time.perf_counter()
-    missing = [c for c in cells if not bank.has(checkpoint_sha256, c, config, with_images)]
+    missing = [c for c in dict.fromkeys(cells) if not bank.has(checkpoint_sha256, c, config, with_images)]
     if missing:
-        protos = synthesize(model, torch.stack([targets[c] for c in missing]), missing, config, progress,
-                            return_images=with_images)
-        bank.put(checkpoint_sha256, protos, with_images)
+        synthesize(model, torch.stack([targets[c] for c in missing]), missing, config, progress,
+                   return_images=with_images, on_cells_done=lambda p: bank.put(checkpoint_sha256, p, with_images))
     paths = [bank.path(checkpoint_sha256, c, config, with_images) for c in cells]
     hits = [str(c) for c in cells if c not in set(missing)]
     return paths, BankReport(hits, [str(c) for c in missing], time.perf_counter() - t0)

@@ -1,14 +1,22 @@
-"""Data-free visual prototypes (DESIGN.md step 3).
+"""Data-free visual prototypes (docs/DESIGN.md, step 3).
 
 For each cell, K images are synthesized from noise by maximizing the cosine between their image
-embedding and the cell's text embedding, all cells in one batch. Each image is a sigmoid of a
-blurred low-resolution start plus a full-resolution residual (the low-resolution part finds the
-shape, the residual the texture); every step sees a random scale/shift/flip and pixel noise, so the
-result is an image the model recognizes robustly rather than an adversarial pattern. Images that
-reach the target cosine stop early.
+embedding and the cell's text embedding. Each image is a sigmoid of a blurred low-resolution start plus
+a full-resolution residual (the low-resolution part finds the shape, the residual the texture); every
+step sees a random scale/shift/flip and pixel noise, so the result is an image the model recognizes
+robustly rather than an adversarial pattern. An image stops as soon as its clean embedding reaches the
+target cosine.
 
-Reproducible: each image's start and augmentations come from its own generator seeded by
-(seed, cell, index), so a cell's prototypes do not depend on which other cells share the batch.
+Batch layout: a fixed number of slots is optimized at once, and a finished image hands its slot to the
+next one waiting, so the batch stays full until the queue runs dry (early-stopped images do not leave
+holes). Each image carries its own Adam state, step count and learning-rate schedule.
+
+Reproducible: each image's start and augmentations come from its own generator seeded by (seed, cell,
+index), and nothing in its optimization depends on the other images in the batch, so a cell's
+prototypes do not depend on which other cells were synthesized with it.
+
+Precision: `precision="auto"` runs bf16 autocast only where bf16 is native (CUDA with bf16 support; CPUs
+with AVX512-BF16 or AMX) and fp32 elsewhere: on an AVX2-only CPU bf16 autocast is about 15x slower.
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,18 +35,76 @@ import torch.nn.functional as F
 from clipforget.grid import Cell
 from clipforget.models import image_normalizer, image_size
 
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), read from the kernel's CPU flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return "AMX" in torch.backends.cpu.get_cpu_capability().upper()
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> Literal["fp32", "bf16"]:
+    """The precision synthesis runs at: `auto` picks bf16 only where the hardware does it natively."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision  # type: ignore[return-value]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
+def hardware_summary(device: torch.device | str = "cpu") -> dict[str, str]:
+    """What decides the precision, for logs and reports."""
+    device = torch.device(device)
+    out = {"device": str(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "cpu_native_bf16": str(cpu_has_native_bf16()), "torch_threads": str(torch.get_num_threads())}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
 
 @dataclass(frozen=True)
 class SynthesisConfig:
     prototypes_per_cell: int = 8
-    steps: int = 300
+    # defaults chosen by steps to the target on the toy model (docs/BENCHMARKS.md, "convergence"): a larger step,
+    # less momentum, a quieter full-resolution residual and half the augmentation reach the target in a
+    # median of ~40 steps where the first settings (lr 0.08, beta1 0.9, residual 1, augment 1) needed > 300
+    steps: int = 150
     target_cosine: float = 0.77
     seed: int = 0
-    lr: float = 0.08
+    lr: float = 0.2
     low_res: int = 16
     check_every: int = 10
-    batch_size: int = 512  # images optimized at once; larger batches are split
-    bf16: bool = True  # bf16 autocast for the optimization steps (2-3x faster on CPUs, native on GPUs)
+    batch_size: int = 128  # images optimized at once (slots refilled as images finish)
+    precision: str = "auto"  # auto | fp32 | bf16; the bank key holds the resolved one
+    augment: float = 0.5  # strength of the zoom (±7.5%), shift (±6%) and pixel-noise augmentation
+    high_scale: float = 0.1  # step size of the full-resolution residual relative to the low-resolution start
+    augment_decay: float = 0.0  # 1: augmentation fades out with the learning rate; 0: constant
+    beta1: float = 0.5  # Adam's momentum: images stop early, so a short memory converges faster
+
+    def __post_init__(self) -> None:
+        if self.prototypes_per_cell < 1 or self.steps < 1:
+            raise ValueError("prototypes_per_cell and steps must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+
+    def resolved(self, device: torch.device | str) -> SynthesisConfig:
+        """This config with `precision` decided for `device` (what runs, and what the bank keys)."""
+        return replace(self, precision=resolve_precision(self.precision, device))
 
 
 @dataclass
@@ -60,14 +127,22 @@ class Prototypes:
     def reached(self) -> torch.Tensor:
         return self.cosines >= self.config.target_cosine
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | str]:
         return {
             "prototypes": len(self.cells),
             "mean_cosine": float(self.cosines.mean()),
             "reached_target": float(self.reached.float().mean()),
             "mean_steps": float(self.steps_used.float().mean()),
+            "median_steps": float(self.steps_used.float().median()),
             "seconds": round(self.seconds, 2),
+            "precision": self.config.precision,
         }
+
+    def select(self, rows: Sequence[int]) -> Prototypes:
+        idx = list(rows)
+        return Prototypes(self.embeddings[idx], [self.cells[i] for i in idx], self.cosines[idx], self.steps_used[idx],
+                          self.seconds * len(idx) / max(1, len(self.cells)), self.config,
+                          None if self.images is None else self.images[idx])
 
 
 def cell_seed(seed: int, cell: Cell, index: int) -> int:
@@ -76,15 +151,14 @@ def cell_seed(seed: int, cell: Cell, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _augment_params(gens: Sequence[torch.Generator], steps: int) -> torch.Tensor:
-    """Per image and step: scale, shift x, shift y, flip, noise std -> [N, steps, 5]."""
-    out = torch.empty(len(gens), steps, 5)
-    for i, g in enumerate(gens):
-        u = torch.rand(steps, 5, generator=g)
-        out[i, :, 0] = 0.85 + 0.3 * u[:, 0]  # zoom
-        out[i, :, 1:3] = (u[:, 1:3] - 0.5) * 0.25  # shift, in [-1, 1] image units
-        out[i, :, 3] = (u[:, 3] < 0.5).float()
-        out[i, :, 4] = 0.03 * u[:, 4]
+def _augment_params(u: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """Per image: scale, shift x, shift y, flip, noise std [B, 5], from uniform draws u [B, 5] and a strength [B]."""
+    s = strength[:, None]
+    out = torch.empty_like(u)
+    out[:, 0:1] = 1.0 + s * 0.3 * (u[:, 0:1] - 0.5)  # zoom
+    out[:, 1:3] = (u[:, 1:3] - 0.5) * 0.25 * s  # shift, in [-1, 1] image units
+    out[:, 3] = (u[:, 3] < 0.5).float()
+    out[:, 4:5] = 0.03 * s * u[:, 4:5]
     return out
 
 
@@ -100,112 +174,191 @@ def _augment(x: torch.Tensor, p: torch.Tensor, noise: torch.Tensor) -> torch.Ten
     return y + noise * p[:, 4, None, None, None]
 
 
-@torch.no_grad()
-def _encode(model: Any, x: torch.Tensor, normalize: Callable) -> torch.Tensor:
-    return F.normalize(model.encode_image(normalize(x)).float(), dim=-1)
+Progress = Callable[[dict], None]
+
+
+class _Slots:
+    """The images being optimized: parameters, per-image Adam state and step counts, one row per slot."""
+
+    def __init__(self, n: int, low_res: int, size: int, steps: int, device: torch.device) -> None:
+        self.low = torch.zeros(n, 3, low_res, low_res, device=device)
+        self.high = torch.zeros(n, 3, size, size, device=device)
+        self.m = [torch.zeros_like(self.low), torch.zeros_like(self.high)]
+        self.v = [torch.zeros_like(self.low), torch.zeros_like(self.high)]
+        self.t = torch.zeros(n, dtype=torch.long)
+        self.row = torch.full((n,), -1, dtype=torch.long)  # which image a slot holds; -1 = empty
+        self.aug = torch.zeros(n, steps, 5)
+        self.noise = torch.zeros(n, 3, size, size, device=device)
 
 
 def synthesize(
-    model: torch.nn.Module,
+    model: Any,
     targets: torch.Tensor,
     cells: Sequence[Cell],
     config: SynthesisConfig = SynthesisConfig(),
-    progress: Callable[[dict], None] | None = None,
+    progress: Progress | None = None,
     return_images: bool = False,
+    on_cells_done: Callable[[Prototypes], object] | None = None,
 ) -> Prototypes:
     """Synthesize `config.prototypes_per_cell` prototypes for each cell.
 
-    `targets` [n_cells, d] are the normalized text embeddings to match, row j for cells[j]. The model
-    is used as it is (its device, eval mode) and left unchanged.
+    `targets` [n_cells, d] are the normalized text embeddings to match, row j for cells[j]. The model is
+    used as it is (its device, eval mode) and left unchanged. `on_cells_done` receives the prototypes of
+    each group of cells as soon as all their images are finished (to bank them before the rest is done:
+    an interrupted run keeps what it finished). `progress` receives a dict about every `check_every` steps.
     """
     if targets.shape[0] != len(cells):
         raise ValueError(f"{targets.shape[0]} targets for {len(cells)} cells")
-    if config.prototypes_per_cell < 1 or config.steps < 1:
-        raise ValueError("prototypes_per_cell and steps must be at least 1")
+    device = next(model.parameters()).device
+    config = config.resolved(device)
     t0 = time.perf_counter()
     k = config.prototypes_per_cell
     rows = [(cell, j, i) for j, cell in enumerate(cells) for i in range(k)]
-    embs, coss, used, imgs = [], [], [], []
-    for start in range(0, len(rows), config.batch_size):
-        chunk = rows[start : start + config.batch_size]
-        e, c, s, im = _synthesize_chunk(model, targets, chunk, config, progress, start, len(rows))
-        embs.append(e)
-        coss.append(c)
-        used.append(s)
-        imgs.append(im)
-    return Prototypes(
-        embeddings=torch.cat(embs),
-        cells=[r[0] for r in rows],
-        cosines=torch.cat(coss),
-        steps_used=torch.cat(used),
-        seconds=time.perf_counter() - t0,
-        config=config,
-        images=torch.cat(imgs) if return_images else None,
-    )
-
-
-def _synthesize_chunk(model, targets, rows, config: SynthesisConfig, progress, offset: int, total: int):
-    device = next(model.parameters()).device
+    n = len(rows)
     size = image_size(model)
     normalize = image_normalizer(model)
-    gens = [torch.Generator().manual_seed(cell_seed(config.seed, cell, i)) for cell, _, i in rows]
-    n = len(rows)
-    low = torch.stack([torch.randn(3, config.low_res, config.low_res, generator=g) for g in gens]) * 0.5
-    high = torch.stack([torch.randn(3, size, size, generator=g) for g in gens]) * 0.05
-    aug = _augment_params(gens, config.steps)
-    noise_bank = torch.stack([torch.randn(3, size, size, generator=g) for g in gens]).to(device)
-    low, high = low.to(device).requires_grad_(), high.to(device).requires_grad_()
-    tgt = targets[[j for _, j, _ in rows]].to(device).float()
-    opt = torch.optim.Adam([low, high], lr=config.lr)
-    active = torch.ones(n, dtype=torch.bool)
+    tgt_all = targets.to(device).float()
+    low_out = torch.zeros(n, 3, config.low_res, config.low_res, device=device)
+    high_out = torch.zeros(n, 3, size, size, device=device)
     steps_used = torch.full((n,), config.steps, dtype=torch.long)
-    frozen_low, frozen_high = low.detach().clone(), high.detach().clone()
+    finished = torch.zeros(n, dtype=torch.bool)
+    cell_left = [k] * len(cells)  # images of each cell not yet finished
+    done_cells: list[int] = []
+    emitted = 0
+    slots = _Slots(min(config.batch_size, n), config.low_res, size, config.steps, device)
+    next_row = 0
+    b1, b2, eps = config.beta1, 0.999, 1e-8
+    mean_cos = float("nan")
+    last_report = t0
+    autocast = config.precision == "bf16"
+    channels_last = device.type == "cpu"  # about 1.7x faster convolutions on CPU (bench/synthesis.py)
 
     def images(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(F.interpolate(lo, size=size, mode="bicubic", align_corners=False) + hi)
+
+    def quantized(x: torch.Tensor) -> torch.Tensor:
+        return (x * 255).round() / 255  # the 8-bit image a reader gets: early stopping judges what is stored
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        x = normalize(x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return F.normalize(model.encode_image(x).float(), dim=-1)
+
+    def fill() -> None:
+        nonlocal next_row
+        for s in (slots.row < 0).nonzero().squeeze(1).tolist():
+            if next_row >= n:
+                return
+            cell, _, i = rows[next_row]
+            g = torch.Generator().manual_seed(cell_seed(config.seed, cell, i))
+            slots.low[s] = (torch.randn(3, config.low_res, config.low_res, generator=g) * 0.5).to(device)
+            slots.high[s] = (torch.randn(3, size, size, generator=g) * 0.05).to(device)
+            slots.aug[s] = torch.rand(config.steps, 5, generator=g)
+            slots.noise[s] = torch.randn(3, size, size, generator=g).to(device)
+            for buf in (*slots.m, *slots.v):
+                buf[s] = 0
+            slots.t[s] = 0
+            slots.row[s] = next_row
+            next_row += 1
+
+    def emit() -> None:
+        """Hand out the cells finished so far (as whole cells, in order of completion)."""
+        nonlocal emitted
+        if on_cells_done is None or emitted == len(done_cells):
+            return
+        new = done_cells[emitted:]
+        emitted = len(done_cells)
+        idx = [j * k + i for j in new for i in range(k)]
+        on_cells_done(_assemble(model, idx, rows, low_out, high_out, steps_used, tgt_all, images, encode,
+                                time.perf_counter() - t0, config, return_images))
 
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        for step in range(config.steps):
-            lr = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            idx = active.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
-            x = images(low[idx], high[idx])
+        fill()
+        while bool((slots.row >= 0).any()):
+            live = (slots.row >= 0).nonzero().squeeze(1)
+            t = slots.t[live]
+            # per-image cosine schedule over the step budget: an image's steps do not depend on its batch
+            lr = config.lr * 0.5 * (1 + torch.cos(math.pi * t.float() / config.steps))
+            low = slots.low[live].requires_grad_()
+            high = slots.high[live].requires_grad_()
+            x = images(low, high)
             # each image's own noise pattern, moved every step: independent of the batch's other images
-            noise = noise_bank[idx].roll(shifts=(7 * step % size, 13 * step % size), dims=(2, 3))
-            xa = _augment(x, aug[idx, step].to(device), noise)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                feats = model.encode_image(normalize(xa))
-            emb = F.normalize(feats.float(), dim=-1)
-            loss = -(emb * tgt[idx]).sum(-1).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if (step + 1) % config.check_every == 0 or step == config.steps - 1:
-                with torch.no_grad():
-                    cos = (_encode(model, images(low[idx], high[idx]), normalize) * tgt[idx]).sum(-1).cpu()
-                done = idx[cos >= config.target_cosine]
-                if done.numel():
-                    active[done] = False
-                    steps_used[done] = step + 1
-                    frozen_low[done], frozen_high[done] = low.detach()[done], high.detach()[done]
-                if progress is not None:
-                    progress({"step": step + 1, "steps": config.steps, "active": int(active.sum()),
-                              "images": n, "offset": offset, "total": total, "mean_cosine": float(cos.mean())})
-        with torch.no_grad():
-            still = active.nonzero().squeeze(1)
-            frozen_low[still], frozen_high[still] = low.detach()[still], high.detach()[still]
-            x = images(frozen_low, frozen_high)
-            emb = _encode(model, x, normalize)
-            cos = (emb * tgt).sum(-1)
+            shifts = [(int(7 * s % size), int(13 * s % size)) for s in t.tolist()]
+            noise = torch.stack([slots.noise[s].roll(shifts=sh, dims=(1, 2)) for s, sh in zip(live.tolist(), shifts,
+                                                                                            strict=True)])
+            # augmentation strength follows the learning rate down: robust shape first, then the clean image
+            strength = config.augment * ((1 - config.augment_decay) + config.augment_decay * lr / config.lr)
+            aug = _augment_params(slots.aug[live, t], strength).to(device)
+            emb = encode(_augment(x, aug, noise))
+            tgt = tgt_all[[rows[r][1] for r in slots.row[live].tolist()]]
+            loss = -(emb * tgt).sum()
+            g_low, g_high = torch.autograd.grad(loss, [low, high])
+            with torch.no_grad():
+                slots.t[live] += 1
+                tt = slots.t[live].float().to(device)
+                step = (lr.to(device))[:, None, None, None]
+                for which, (param, grad, scale) in enumerate(((slots.low, g_low, 1.0),
+                                                              (slots.high, g_high, config.high_scale))):
+                    m, v = slots.m[which], slots.v[which]
+                    m[live] = b1 * m[live] + (1 - b1) * grad
+                    v[live] = b2 * v[live] + (1 - b2) * grad * grad
+                    mhat = m[live] / (1 - b1 ** tt)[:, None, None, None]
+                    vhat = v[live] / (1 - b2 ** tt)[:, None, None, None]
+                    param[live] -= scale * step * mhat / (vhat.sqrt() + eps)
+                own = slots.t[live]
+                check = live[(own % config.check_every == 0) | (own >= config.steps)]
+                if check.numel():
+                    ck_rows = slots.row[check]
+                    cos = (encode(quantized(images(slots.low[check], slots.high[check])))
+                           * tgt_all[[rows[r][1] for r in ck_rows.tolist()]]).sum(-1).cpu()
+                    stop = (cos >= config.target_cosine) | (slots.t[check] >= config.steps)
+                    mean_cos = float(cos.mean())
+                    for s, r, c_ok in zip(check.tolist(), ck_rows.tolist(), stop.tolist(), strict=True):
+                        if not c_ok:
+                            continue
+                        low_out[r], high_out[r] = slots.low[s], slots.high[s]
+                        steps_used[r] = int(slots.t[s])
+                        finished[r] = True
+                        slots.row[s] = -1
+                        j = rows[r][1]
+                        cell_left[j] -= 1
+                        if cell_left[j] == 0:
+                            done_cells.append(j)
+                    if progress is not None:
+                        now = time.perf_counter()
+                        done = int(finished.sum())
+                        progress({"done": done, "total": n, "active": int((slots.row >= 0).sum()),
+                                  "waiting": n - next_row, "step": int(slots.t[check].max()), "steps": config.steps,
+                                  "mean_cosine": mean_cos, "elapsed": now - t0,
+                                  "eta": (now - t0) / done * (n - done) if done else float("nan"),
+                                  "since_last": now - last_report})
+                        last_report = now
+            if bool((slots.row < 0).any()) and next_row < n:
+                emit()
+                fill()
+        emit()
     finally:
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
-    img_u8 = (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-    return emb.cpu(), cos.cpu(), steps_used, img_u8
+    out = _assemble(model, list(range(n)), rows, low_out, high_out, steps_used, tgt_all, images, encode,
+                    time.perf_counter() - t0, config, return_images)
+    return out
 
+
+@torch.no_grad()
+def _assemble(model: Any, idx: list[int], rows: list, low: torch.Tensor, high: torch.Tensor, steps_used: torch.Tensor,
+              tgt_all: torch.Tensor, images: Callable, encode: Callable, seconds: float, config: SynthesisConfig,
+              return_images: bool) -> Prototypes:
+    """The prototypes of rows `idx`: each image quantized to 8 bits and encoded again, as a reader of the
+    image would see it (what the bank stores is what the images are)."""
+    x = images(low[idx], high[idx])
+    u8 = (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+    emb = torch.cat([encode(u8[i : i + 256].float() / 255) for i in range(0, len(idx), 256)]) if idx else x.new_zeros(0)
+    cos = (emb * tgt_all[[rows[r][1] for r in idx]]).sum(-1)
+    return Prototypes(emb.cpu(), [rows[r][0] for r in idx], cos.cpu(), steps_used[idx].clone(), seconds, config,
+                      u8.permute(0, 2, 3, 1).cpu() if return_images else None)

@@ -24,11 +24,13 @@ GRID = typer.Option(None, "--grid", help="toy, pacs, domainnet or a grid JSON fi
                     "model, else the folder given by --data).")
 DEVICE = typer.Option(None, "--device", help="torch device; default cuda when present, else cpu.")
 K = typer.Option(8, "--prototypes-per-cell", help="Synthesized prototypes per cell.")
-STEPS = typer.Option(300, "--steps", help="Synthesis steps (at most; images stop early at the target).")
+STEPS = typer.Option(150, "--steps", help="Synthesis steps (at most; images stop early at the target).")
 TARGET = typer.Option(None, "--target-cosine", help="Early-stop cosine (default 0.77 for the toy model, 0.30 else).")
 SEED = typer.Option(0, "--seed", help="Seed of prototype synthesis.")
 TEMPLATES = typer.Option(None, "--templates", help='Prompt templates JSON: {"domains": {"sketch": ["a sketch of a {}.", '
                          '...]}, "class_only": ["a {}."]} (default: the built-in domain-aware templates).')
+PRECISION = typer.Option("auto", "--precision", help="Synthesis precision: auto (bf16 only where the hardware does "
+                         "it natively: CUDA with bf16, AVX512-BF16/AMX CPUs; else fp32), fp32 or bf16.")
 HELDOUT = typer.Option(10, "--heldout-per-cell", help="Held-out prototypes per cell for data-free evaluation.")
 
 
@@ -41,12 +43,11 @@ def _fail(e: BaseException) -> None:
     raise typer.Exit(2)
 
 
-def _synthesis(model: str, k: int, steps: int, target: float | None, seed: int) -> Any:
-    from clipforget.synthesis import SynthesisConfig
+def _synthesis(model: str, k: int, steps: int, target: float | None, seed: int, precision: str = "auto") -> Any:
+    from clipforget.request import SynthesisSettings
 
-    if target is None:
-        target = 0.77 if model == "toy" else 0.30  # matched image-text cosines differ by model family
-    return SynthesisConfig(prototypes_per_cell=k, steps=steps, target_cosine=target, seed=seed)
+    return SynthesisSettings(prototypes_per_cell=k, steps=steps, target_cosine=target, seed=seed,
+                             precision=precision).config(model)
 
 
 def _load(model: str, checkpoint: Path | None, pretrained: str | None, device: str | None) -> Any:
@@ -138,6 +139,7 @@ def eval_cmd(
     steps: int = STEPS,
     target_cosine: float = TARGET,
     seed: int = SEED,
+    precision: str = PRECISION,
     templates: Path = TEMPLATES,
     device: str = DEVICE,
     model_uri: str = typer.Option(None, "--model-uri", help="A registered model, e.g. models:/NAME@champion "
@@ -157,7 +159,7 @@ def eval_cmd(
         if data is not None:
             images = LabelledImages.from_folder(data, loaded.preprocess, g)
         else:
-            cfg = _synthesis(model, prototypes_per_cell, steps, target_cosine, seed)
+            cfg = _synthesis(model, prototypes_per_cell, steps, target_cosine, seed, precision)
             images = heldout_images(loaded, g, cfg, prototypes_per_cell, prompts, progress=_progress())
     except _user_errors() as e:
         _fail(e)
@@ -187,6 +189,7 @@ def forget_cmd(
     steps: int = STEPS,
     target_cosine: float = TARGET,
     seed: int = SEED,
+    precision: str = PRECISION,
     heldout_per_cell: int = HELDOUT,
     kind: str = typer.Option(None, "--projection", help="soft or hard (default per mode)."),
     source: str = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode)."),
@@ -209,7 +212,7 @@ def forget_cmd(
         prompts = _templates(templates)
         loaded = _load(model, checkpoint, pretrained, device)
         result = run_forget(loaded, g, mode, cls_list, dom_list,
-                            _synthesis(model, prototypes_per_cell, steps, target_cosine, seed), ns, out, data,
+                            _synthesis(model, prototypes_per_cell, steps, target_cosine, seed, precision), ns, out, data,
                             heldout_per_cell, prompts, progress=_progress())
     except _user_errors() as e:
         _fail(e)
@@ -266,6 +269,7 @@ def unlearn_cmd(
     steps: int = STEPS,
     target_cosine: float = TARGET,
     seed: int = SEED,
+    precision: str = PRECISION,
     heldout_per_cell: int = typer.Option(10, "--heldout-per-cell", help="Held-out prototypes per cell for data-free "
                                          "validation (10: one flipped image is a 0.10 drop)."),
     kind: str = typer.Option(None, "--projection", help="soft or hard (default per mode)."),
@@ -286,7 +290,8 @@ def unlearn_cmd(
             "thresholds": Thresholds(max_forget_acc=max_forget_acc, max_retain_drop=max_retain_drop,
                                      mode_criteria=mode_criteria),
             "synthesis": SynthesisSettings(prototypes_per_cell=prototypes_per_cell, steps=steps,
-                                           target_cosine=target_cosine, seed=seed, heldout_per_cell=heldout_per_cell)}
+                                           target_cosine=target_cosine, seed=seed, heldout_per_cell=heldout_per_cell,
+                                           precision=precision)}
         if request_id:
             fields["request_id"] = request_id
         if requested_by:
