@@ -16,3 +16,52 @@ def append_at_once(location: str, request_id: str, barrier, env: dict) -> str:
     entry, appended = ledger.append(request_id, record)
     assert appended
     return entry.hash
+
+
+def write_on_a_full_disk(root: str, fsize_limit: int | None = None) -> list[dict]:
+    """Each writer of the project on a disk too small for it; what it raised and what it left behind.
+
+    `fsize_limit`: where no small filesystem can be mounted, the process's file size limit (RLIMIT_FSIZE) plays the
+    full disk (a write past it fails with EFBIG, as one past a full disk fails with ENOSPC)."""
+    import json
+    import os
+    import resource
+    import signal
+    from pathlib import Path
+
+    import torch
+
+    if fsize_limit is not None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
+    from clipforget.atomic import write_json
+    from clipforget.ledger import Ledger
+    from clipforget.models import TOY_WEIGHTS, save_checkpoint
+    from clipforget.storage import fetch
+
+    base = Path(root)
+    writers = {
+        "checkpoint (models.save_checkpoint)": lambda d: save_checkpoint({"w": torch.ones(512, 1024)}, d / "ck.safetensors"),
+        "report (atomic.write_json)": lambda d: write_json(d / "report.json", {"cells": ["x" * 100] * 20_000}),
+        "checkpoint fetch into the cache (storage.fetch)": lambda d: fetch(TOY_WEIGHTS, cache=d / "cache"),
+        "ledger entry (Ledger.append)": lambda d: Ledger(d / "ledger").append(
+            "dsr-1", {"mode": "global", "classes": ["star"], "domains": [], "reason": "r" * 2_000_000}),
+    }
+    out = []
+    for name, write in writers.items():
+        d = base / f"w{len(out)}"
+        d.mkdir()
+        try:
+            write(d)
+            error = None
+        except OSError as e:
+            error = f"{type(e).__name__} errno {e.errno}: {e.strerror}"
+        except Exception as e:  # noqa: BLE001 - reported, not hidden
+            error = f"{type(e).__name__}: {e}"
+        files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+        out.append({"writer": name, "error": error, "files": files})
+        for p in sorted(d.rglob("*"), reverse=True):  # free the space for the next writer
+            p.unlink() if p.is_file() else p.rmdir()
+    print(json.dumps(out))
+    os.sync()
+    return out
