@@ -195,7 +195,7 @@ def test_mlflow_models_serve_answers_a_rest_request(registered, servers, tmp_pat
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-    classes = sorted({c.cls for c in cells})
+    classes = sorted({cls for cls, _ in cells})
     assert list(served.columns[:2]) == ["label", "score"] and set(classes) <= set(served.columns)
     np.testing.assert_allclose(served[classes].sum(axis=1), 1.0, atol=1e-5)
     local_model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
@@ -318,13 +318,13 @@ def test_promote_and_rollback_refuse_versions_that_do_not_cover_the_ledger(regis
         req = DeletionRequest(request_id=rid, requested_by="tests", mode="global", classes=[cls])
         entries.append(Ledger(str(ledger)).append(rid, req.ledger_record())[0])
     # three versions of one logged model: v1 built for the first request only, v2 and v3 for both
-    c = registry.client()
-    source = c.get_model_version(NAME, registered["version"])
-    c.create_registered_model(OPS)
+    import mlflow
+
+    mlflow.set_registry_uri(registry.tracking_uri())
+    source = registry.client().get_model_version(NAME, registered["version"]).source  # the logged model
     for ids, head in ((["dsr-a"], entries[0].hash), (["dsr-a", "dsr-b"], entries[1].hash),
                       (["dsr-a", "dsr-b"], entries[1].hash)):
-        c.create_model_version(OPS, source.source, run_id=source.run_id,
-                               tags={registry.TAG_REQUEST_IDS: ",".join(ids), registry.TAG_LEDGER_HEAD: head})
+        mlflow.register_model(source, OPS, tags={registry.TAG_REQUEST_IDS: ",".join(ids), registry.TAG_LEDGER_HEAD: head})
 
     def cli(*args):
         return CliRunner().invoke(app, [*args, "--ledger", str(ledger)])
