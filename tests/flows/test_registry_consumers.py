@@ -67,7 +67,7 @@ def registered(s3, mlflow_server, prefect_harness, tmp_path_factory):
             root.removeHandler(handler)
     assert state.is_completed(), state.message
     report = json.loads(report_path.read_text())
-    return {"report": report, "version": report["registered"]["version"], "seconds": seconds,
+    return {"report": report, "version": report["registered"]["version"], "seconds": seconds, "cache": str(cache),
             "warnings": [f"{w.category.__name__}: {w.message}" for w in caught] + handler.messages}
 
 
@@ -349,3 +349,32 @@ def test_promote_and_rollback_refuse_versions_that_do_not_cover_the_ledger(regis
     # nor can a rolled-back version come back by rollback; promoting it by hand is an explicit decision
     r = cli("models", "promote", OPS, "3", "--reason", "fixed")
     assert r.exit_code == 0 and registry.champion(OPS)["version"] == "3"
+
+
+def test_a_rejected_build_logs_its_pictures_too(registered, servers, tmp_path):
+    """Same request, settings and cache with limits no model meets: nothing is registered, but the run's report and
+    pictures are in an MLflow run of their own, linked from the Prefect run."""
+    from clipforget.request import SynthesisSettings, Thresholds
+    from flows.unlearn import unlearn
+
+    m = registered["report"]["metrics"]
+    assert m["forget_max_after"] > 0 or m["retain_max_cell_drop"] > 0, "a perfect model: pick another request"
+    strict = UnlearnRequest(request_id="consumer-star-strict", requested_by="tests", mode="global", classes=["star"],
+                            checkpoint_uri=servers["s3"]["checkpoint"], data_uri=servers["s3"]["eval"],
+                            registered_name=NAME, synthesis=SynthesisSettings(prototypes_per_cell=2, steps=80),
+                            thresholds=Thresholds(max_forget_acc=0.0, max_retain_drop=0.0))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLIPFORGET_CACHE", registered["cache"])
+        state = unlearn(strict, str(tmp_path / "strict.json"), return_state=True)
+    assert state.is_failed()
+    rep = json.loads((tmp_path / "strict.json").read_text())
+    assert rep["registered"] is None and rep["pictures"]["run_id"]
+    run = registry.client().get_run(rep["pictures"]["run_id"])
+    assert run.data.tags[registry.TAG_PASSED] == "false" and run.data.tags[registry.TAG_REQUEST_ID] == strict.request_id
+    assert {a.path for a in registry.client().list_artifacts(run.info.run_id, "pictures")} == {
+        "pictures/cells.png", "pictures/prototypes.png"}
+    with urllib.request.urlopen(rep["pictures"]["pictures"]["cells"], timeout=10) as r:
+        assert r.read(8) == PNG
+    md = Artifact.get("consumer-star-strict-pictures")
+    assert md is not None and "rejected build" in md.data and rep["pictures"]["pictures"]["prototypes"] in md.data
+    assert [v["version"] for v in registry.versions(NAME)] == [registered["version"]]
