@@ -48,6 +48,8 @@ TAG_PASSED = "clipforget.passed"  # on runs of rejected builds: "false"
 # operator actions on the `champion` alias (clipforget models promote / rollback)
 TAG_PROMOTION_REASON = "clipforget.promotion_reason"
 TAG_ROLLED_BACK = "clipforget.rolled_back"  # on a version moved off `champion` by a rollback: the reason
+# MLflow tags a run with the tracking username (MLFLOW_TRACKING_USERNAME) as `mlflow.user`: a credential stays out
+RUN_USER = {"mlflow.user": "clipforget"}
 MAX_TAG_VALUE = 5000  # MLflow's limit on a tag value
 
 
@@ -181,7 +183,7 @@ def register(
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=f"unlearn-{request_id}", tags=dict(tags)) as run:
+    with mlflow.start_run(run_name=f"unlearn-{request_id}", tags={**tags, **RUN_USER}) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         mlflow.log_dict(dict(report), "report.json")
@@ -235,7 +237,7 @@ def log_rejected(request_id: str, tags: Mapping[str, str], report: Mapping[str, 
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=f"rejected-{request_id}", tags={**tags, TAG_PASSED: "false"}) as run:
+    with mlflow.start_run(run_name=f"rejected-{request_id}", tags={**tags, TAG_PASSED: "false", **RUN_USER}) as run:
         mlflow.log_dict(dict(report), "report.json")
         for path in pictures.values():
             mlflow.log_artifact(str(path), PICTURES_DIR)
@@ -403,7 +405,7 @@ def log_governance(report: Mapping[str, Any], markdown: str, plot: Path | None, 
             "clipforget.compliant": str(bool(report["passed"])).lower(),
             TAG_LEDGER_HEAD: str(report["ledger"].get("head") or ""),
             "clipforget.champion_version": str(champ.get("version") or "")}
-    with mlflow.start_run(run_name=f"governance-{report['registered_name']}", tags=tags) as run:
+    with mlflow.start_run(run_name=f"governance-{report['registered_name']}", tags={**tags, **RUN_USER}) as run:
         mlflow.log_text(markdown, "governance/report.md")
         mlflow.log_dict(dict(report), "governance/report.json")
         if plot is not None:
