@@ -95,6 +95,14 @@ def model_card(report: Mapping[str, Any], name: str, version: str | None = None,
         lines += [f"| {c['name']} | {c['value']:.4f} | {c['limit']:.4f} | {'yes' if c['passed'] else 'no'} |"
                   for c in checks]
         lines.append("")
+        # how a value was computed, where it is not the plain point estimate (e.g. a 95% upper bound on n images)
+        ruled = [c for c in checks if c.get("rule") and c.get("rule") != "point estimate"]
+        for c in ruled:
+            est = c.get("estimate")
+            lines.append(f"- {c['name']}: {c['rule']}" + (f"; point estimate {est:.4f}" if isinstance(est, float) else "")
+                         + (f" on n={c['n']}" if c.get("n") else ""))
+        if ruled:
+            lines.append("")
     forgot = [r for r in cells if r.get("role") == "forget"]
     if forgot:
         lines += ["| forgotten cell | base | this version | images |", "| --- | ---: | ---: | ---: |"]

@@ -20,7 +20,8 @@ def _report(forget: list[str], ledger: dict | None = None) -> dict:
            "metrics": {"forget_before": 0.98, "forget_after": 0.04, "forget_max_after": 0.06, "retain_before": 0.95,
                        "retain_after": 0.95, "retain_max_cell_drop": 0.04, "worst_retain_cell": "tree/sketch"},
            "checks": [{"name": "mode: max forget-cell accuracy", "value": 0.06, "limit": 0.15, "passed": True},
-                      {"name": "mode: max retain-cell drop", "value": 0.04, "limit": 0.1, "passed": True}],
+                      {"name": "mode: max retain-cell drop", "value": 0.04, "limit": 0.1, "passed": True,
+                       "rule": "95% upper bound", "estimate": 0.02, "n": 50}],
            "cells": cells, "request": {"mode": "global", "classes": ["star"], "domains": []},
            "policy": {"arch": "toy", "checkpoint_uri": "s3://m/toy.safetensors", "data_uri": "s3://eval/",
                       "synthesis": {"prototypes_per_cell": 8, "steps": 400, "target_cosine": 0.77, "seed": 0}}}
@@ -34,6 +35,7 @@ def test_card_of_a_request_names_cells_checks_base_and_rebuild():
     assert card.startswith("# toy-x version 3") and "forgets 2 cell(s)" in card
     assert "| star/sketch | 0.980 | 0.040 | 50 |" in card and "request `req-1` by privacy@example.com" in card
     assert "| mode: max forget-cell accuracy | 0.0600 | 0.1500 | yes |" in card
+    assert "- mode: max retain-cell drop: 95% upper bound; point estimate 0.0200 on n=50" in card
     assert "s3://eval/ (2000 images), 50 per cell over 3 cells" in card and "b" * 64 in card and "c" * 64 in card
     assert ("clipforget unlearn --model toy --checkpoint s3://m/toy.safetensors --mode global --classes star --data "
             "s3://eval/ --prototypes-per-cell 8 --steps 400 --target-cosine 0.77 --seed 0 --request-id req-1") in card
