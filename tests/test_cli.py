@@ -151,3 +151,14 @@ def test_request_list_names_a_broken_ledger(tmp_path):
     (tmp_path / "ledger" / "00000000.json").unlink()
     r = runner.invoke(app, ["request", "list", "--ledger", str(tmp_path / "ledger")])
     assert r.exit_code == 1 and "entry 0 is missing" in r.output, r.output
+
+
+def test_request_show_of_an_unknown_id_fails_clearly(tmp_path):
+    from clipforget.ledger import Ledger
+
+    Ledger(tmp_path / "ledger").append("dsr-1", {"mode": "global", "classes": ["star"], "domains": []})
+    before = (tmp_path / "ledger" / "00000000.json").read_bytes()
+    r = runner.invoke(app, ["request", "show", "dsr-404", "--ledger", str(tmp_path / "ledger")])
+    assert r.exit_code == 2 and "error: request 'dsr-404' is not in the ledger" in r.output, r.output
+    assert (tmp_path / "ledger" / "00000000.json").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "ledger").iterdir()) == [".lock", "00000000.json"]
