@@ -1,7 +1,16 @@
-"""Success criteria of a forget request per mode, measured from per-cell accuracy before and after.
+"""Success criteria of a forget request per mode, decided on evidence (docs/GATE.md).
 
-The numbers are the project's acceptance targets on the toy world (issue 2); each check reports the
-measured value next to its limit so a miss says by how much.
+The limits are the project's acceptance targets on the toy world. Every check states the rule it was
+decided by, the number of images behind it and its interval:
+
+- forget checks use the one-sided 95% Clopper–Pearson upper bound of the cell's accuracy: an approval
+  claims, with 95% confidence, that the cell's accuracy is under the limit. With n images and none
+  recognized the bound is 1 − 0.05^(1/n), so a limit of 0.15 needs n ≥ 19 (0.146), and 0.50 needs n ≥ 5;
+- retain checks count paired flips on the same images before and after (an image right before and wrong
+  after counts against, wrong before and right after for): drop = (lost − gained) / n. A check needs one
+  flip alone not to exceed its limit (n ≥ 1/limit), otherwise it cannot be resolved.
+
+A check whose evidence cannot resolve its limit is "not enough evidence": the gate does not approve on it.
 """
 
 from __future__ import annotations
@@ -14,27 +23,123 @@ import numpy as np
 from clipforget.evaluate import EvalReport
 from clipforget.grid import Cell
 
+CONFIDENCE = 0.95
+
+PASSED, FAILED, UNRESOLVED = "passed", "failed", "not enough evidence"
+
+
+def upper_bound(hits: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided Clopper–Pearson upper confidence bound of a binomial rate."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return 1.0
+    if hits >= n:
+        return 1.0
+    return float(beta.ppf(confidence, hits + 1, n - hits))
+
+
+def lower_bound(hits: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided Clopper–Pearson lower confidence bound of a binomial rate."""
+    from scipy.stats import beta
+
+    if n <= 0 or hits <= 0:
+        return 0.0
+    return float(beta.ppf(1 - confidence, hits, n - hits + 1))
+
+
+def samples_for(limit: float, confidence: float = CONFIDENCE) -> int:
+    """The fewest images per cell whose upper bound can fall under `limit` (when none is recognized)."""
+    return int(np.ceil(np.log(1 - confidence) / np.log(1 - limit))) if 0 < limit < 1 else 1
+
 
 @dataclass(frozen=True)
 class Check:
     name: str
-    value: float
+    value: float  # the statistic compared with the limit (an upper bound for forget checks)
     limit: float
+    n: int = 0  # images behind the value
+    estimate: float | None = None  # the point estimate (accuracy or paired drop)
+    interval: tuple[float, float] | None = None
+    rule: str = "point estimate"
+    resolvable: bool = True  # False: no outcome of n images could pass; the gate says "not enough evidence"
+    cell: str = ""  # the deciding cell, when one decides
 
     @property
     def passed(self) -> bool:
-        return bool(self.value <= self.limit + 1e-12)
+        return self.resolvable and bool(self.value <= self.limit + 1e-12)
+
+    @property
+    def status(self) -> str:
+        if self.passed:
+            return PASSED
+        if not self.resolvable and (self.estimate is None or self.estimate <= self.limit + 1e-12):
+            return UNRESOLVED
+        return FAILED
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        d = asdict(self)
+        d["interval"] = list(self.interval) if self.interval else None
+        return {**d, "passed": self.passed, "status": self.status}
 
 
 # the highest accuracy a single forget cell may keep, per mode
 FORGET_CELL_LIMIT = {"global": 0.15, "domain": 0.15, "domain_complete": 0.50}
+FORGET_MEAN_LIMIT = 0.25  # domain_complete: mean accuracy over the forgotten domain
 
 
-def _drop(before: EvalReport, after: EvalReport, cells: Sequence[Cell]) -> float:
-    return before.mean_over(cells) - after.mean_over(cells)
+def forget_cell_check(name: str, after: EvalReport, cells: Sequence[Cell], limit: float) -> Check:
+    """The worst forget cell by its 95% upper bound."""
+    by = after.by_cell()
+    bounds = {c: (upper_bound(after.hits(c), by[c].n), by[c].accuracy, by[c].n) for c in cells}
+    worst = max(bounds, key=lambda c: (bounds[c][0], bounds[c][1]))
+    ub, acc, n = bounds[worst]
+    smallest = min(b[2] for b in bounds.values())
+    return Check(name, ub, limit, n=n, estimate=max(b[1] for b in bounds.values()),
+                 interval=(lower_bound(after.hits(worst), n), ub), rule="95% upper bound (Clopper-Pearson)",
+                 resolvable=upper_bound(0, smallest) <= limit, cell=str(worst))
+
+
+def forget_mean_check(name: str, after: EvalReport, cells: Sequence[Cell], limit: float) -> Check:
+    """Pooled accuracy over forget cells by its 95% upper bound."""
+    by = after.by_cell()
+    n = sum(by[c].n for c in cells)
+    hits = sum(after.hits(c) for c in cells)
+    ub = upper_bound(hits, n)
+    return Check(name, ub, limit, n=n, estimate=hits / n if n else float("nan"),
+                 interval=(lower_bound(hits, n), ub), rule="95% upper bound (Clopper-Pearson), pooled",
+                 resolvable=upper_bound(0, n) <= limit)
+
+
+def _flips(before: EvalReport, after: EvalReport, cell: Cell) -> tuple[int, int, int]:
+    """(lost, gained, n) of one cell: paired per image when both reports carry outcomes."""
+    b, a = before.by_cell()[cell], after.by_cell()[cell]
+    if before.outcomes is not None and after.outcomes is not None and cell in before.outcomes \
+            and cell in after.outcomes and len(before.outcomes[cell]) == len(after.outcomes[cell]):
+        pairs = list(zip(before.outcomes[cell], after.outcomes[cell], strict=True))
+        return sum(1 for x, y in pairs if x and not y), sum(1 for x, y in pairs if y and not x), len(pairs)
+    diff = before.hits(cell) - after.hits(cell)  # same images, outcomes not kept: net flips only
+    return max(diff, 0), max(-diff, 0), min(b.n, a.n)
+
+
+def max_drop_check(name: str, before: EvalReport, after: EvalReport, cells: Sequence[Cell], limit: float) -> Check:
+    """The retain cell that lost most, by paired flips."""
+    flips = {c: _flips(before, after, c) for c in cells}
+    drops = {c: (lost - gained) / n for c, (lost, gained, n) in flips.items()}
+    worst = max(drops, key=lambda c: drops[c])
+    n_min = min(f[2] for f in flips.values())
+    lost, gained, n = flips[worst]
+    return Check(name, drops[worst], limit, n=n, estimate=drops[worst], rule=f"paired flips ({lost} lost, {gained} "
+                 "gained)", resolvable=1 / n_min <= limit + 1e-12, cell=str(worst))
+
+
+def mean_drop_check(name: str, before: EvalReport, after: EvalReport, cells: Sequence[Cell], limit: float) -> Check:
+    """Mean over cells of the paired per-cell drop."""
+    flips = [_flips(before, after, c) for c in cells]
+    drop = float(np.mean([(lost - gained) / n for lost, gained, n in flips]))
+    n = sum(f[2] for f in flips)
+    return Check(name, drop, limit, n=n, estimate=drop, rule="paired flips, mean over cells",
+                 resolvable=1 / n <= limit + 1e-12)
 
 
 def mode_checks(mode: str, before: EvalReport, after: EvalReport, forget: Sequence[Cell]) -> list[Check]:
@@ -47,30 +152,30 @@ def mode_checks(mode: str, before: EvalReport, after: EvalReport, forget: Sequen
     retain_m = [c for c in measured if c not in gone]
     if not forget_m:
         raise ValueError("none of the forget cells was measured")
-    drops = {c: fb[c].accuracy - fa[c].accuracy for c in retain_m}
-    max_forget = max(fa[c].accuracy for c in forget_m)
-    if mode == "global":
-        checks = [Check("max forget-cell accuracy", max_forget, FORGET_CELL_LIMIT[mode])]
-        if retain_m:
-            checks += [Check("mean retain drop", _drop(before, after, retain_m), 0.03),
-                       Check("max retain-cell drop", max(drops.values()), 0.10)]
-        return checks
+    if mode not in FORGET_CELL_LIMIT:
+        raise ValueError(f"unknown mode {mode!r}")
+    checks = []
+    if mode == "domain_complete":
+        checks.append(forget_mean_check("mean forget accuracy", after, forget_m, FORGET_MEAN_LIMIT))
+    checks.append(forget_cell_check("max forget-cell accuracy", after, forget_m, FORGET_CELL_LIMIT[mode]))
+    if mode == "global" and retain_m:
+        checks += [mean_drop_check("mean retain drop", before, after, retain_m, 0.03),
+                   max_drop_check("max retain-cell drop", before, after, retain_m, 0.10)]
     if mode == "domain":
         classes = {c.cls for c in forget}
         same = [c for c in retain_m if c.cls in classes]
         other = [c for c in retain_m if c.cls not in classes]
-        checks = [Check("max forget-cell accuracy", max_forget, FORGET_CELL_LIMIT[mode])]
         if same:
-            checks.append(Check("max drop, same class in kept domains", max(drops[c] for c in same), 0.05))
+            checks.append(max_drop_check("max drop, same class in kept domains", before, after, same, 0.05))
         if other:
-            checks.append(Check("mean drop, other cells", _drop(before, after, other), 0.03))
-        return checks
+            checks.append(mean_drop_check("mean drop, other cells", before, after, other, 0.03))
     if mode == "domain_complete":
         kept_domains = sorted({c.domain for c in retain_m})
-        per_domain = [_drop(before, after, [c for c in retain_m if c.domain == d]) for d in kept_domains]
-        checks = [Check("mean forget accuracy", after.mean_over(forget_m), 0.25),
-                  Check("max forget-cell accuracy", max_forget, FORGET_CELL_LIMIT[mode])]
+        per_domain = {d: mean_drop_check(f"mean drop of kept domain {d}", before, after,
+                                         [c for c in retain_m if c.domain == d], 0.05) for d in kept_domains}
         if per_domain:
-            checks.append(Check("max mean drop of a kept domain", float(np.max(per_domain)), 0.05))
-        return checks
-    raise ValueError(f"unknown mode {mode!r}")
+            worst = max(per_domain.values(), key=lambda ch: ch.value)
+            checks.append(Check("max mean drop of a kept domain", worst.value, 0.05, n=worst.n, estimate=worst.estimate,
+                                rule=worst.rule, resolvable=all(c.resolvable for c in per_domain.values()),
+                                cell=worst.name.rsplit(" ", 1)[-1]))
+    return checks

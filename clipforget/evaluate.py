@@ -76,6 +76,13 @@ class CellScore:
 class EvalReport:
     accuracy: float
     cells: list[CellScore]
+    # per cell, whether each image was classified correctly (in image order): before/after reports on the same
+    # images pair up image by image, so the gate counts flips rather than comparing two noisy rates
+    outcomes: dict[Cell, tuple[int, ...]] | None = None
+
+    def hits(self, cell: Cell) -> int:
+        s = self.by_cell()[cell]
+        return int(round(s.accuracy * s.n))
 
     def by_cell(self) -> dict[Cell, CellScore]:
         return {s.cell: s for s in self.cells}
@@ -91,7 +98,8 @@ class EvalReport:
         drop = set(cells)
         kept = [s for s in self.cells if s.cell not in drop]
         n = sum(s.n for s in kept)
-        return EvalReport(sum(s.accuracy * s.n for s in kept) / n if n else float("nan"), kept)
+        outcomes = {c: o for c, o in self.outcomes.items() if c not in drop} if self.outcomes is not None else None
+        return EvalReport(sum(s.accuracy * s.n for s in kept) / n if n else float("nan"), kept, outcomes)
 
     def to_dict(self) -> dict:
         return {"accuracy": self.accuracy, "cells": [s.to_dict() for s in self.cells]}
@@ -109,7 +117,7 @@ def score_cells(predicted: Sequence[str], cells: Sequence[Cell]) -> EvalReport:
         hits.setdefault(Cell(*c), []).append(int(p == c[0]))
     scores = [CellScore(c.cls, c.domain, float(np.mean(h)), len(h)) for c, h in hits.items()]
     total = sum(sum(h) for h in hits.values()) / max(1, len(cells))
-    return EvalReport(float(total), scores)
+    return EvalReport(float(total), scores, {c: tuple(h) for c, h in hits.items()})
 
 
 class ZeroShotClassifier:

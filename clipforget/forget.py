@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from clipforget.bank import PrototypeBank, load_prototypes, synthesize_with_bank
 from clipforget.evaluate import EvalReport, LabelledImages, ZeroShotClassifier, image_features
 from clipforget.fold import fold_projection
 from clipforget.grid import Cell, Grid, forget_cells, retain_cells
@@ -92,20 +93,25 @@ def unlearn_model(
     nullspace: NullspaceConfig,
     templates: TemplateSet | None = None,
     progress: Callable[[dict], None] | None = None,
+    bank: PrototypeBank | None = None,
 ) -> tuple[torch.nn.Module, Projection, list[Cell], list[Cell], Prototypes, dict[str, float]]:
-    """Build the projection for a request and fold it into a copy of the model."""
+    """Build the projection for a request and fold it into a copy of the model.
+
+    With a `bank` (and a checkpoint digest), prototypes come from the bank and only missing cells are synthesized.
+    """
     templates = templates or TemplateSet()
     forget = forget_cells(grid, mode, classes, domains)
     retain = retain_cells(grid, forget)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates, grid.cells)
+    classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
     timings["text_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    protos = synthesize(loaded.model, text_targets(text, grid.cells), grid.cells, synthesis, progress)
+    protos = prototypes_for(loaded, grid, text, synthesis, bank, progress=progress)
     timings["prototypes_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    projection = fit_projection(forget, retain, text, protos, nullspace)
+    projection = fit_projection(forget, retain, text, protos, nullspace, (classifier.classes, classifier.weights))
     timings["nullspace_s"] = time.perf_counter() - t
     t = time.perf_counter()
     unlearned = copy.deepcopy(loaded.model)
@@ -114,12 +120,25 @@ def unlearn_model(
     return unlearned, projection, forget, retain, protos, timings
 
 
+def prototypes_for(loaded: LoadedModel, grid: Grid, text: dict[Cell, torch.Tensor], synthesis: SynthesisConfig,
+                   bank: PrototypeBank | None, with_images: bool = False,
+                   progress: Callable[[dict], None] | None = None) -> Prototypes:
+    """Prototypes of every cell of the grid: from the bank when given (synthesizing only what it lacks), else
+    synthesized now."""
+    targets = text_targets(text, grid.cells)
+    if bank is None or not loaded.sha256:
+        return synthesize(loaded.model, targets, grid.cells, synthesis, progress, return_images=with_images)
+    paths, _ = synthesize_with_bank(loaded.model, dict(zip(grid.cells, targets, strict=True)), grid.cells, synthesis,
+                                    loaded.sha256, bank, with_images, progress)
+    return load_prototypes(paths, synthesis.resolved(loaded.device))
+
+
 def heldout_images(loaded: LoadedModel, grid: Grid, synthesis: SynthesisConfig, per_cell: int,
-                   templates: TemplateSet | None = None, progress: Callable[[dict], None] | None = None) -> LabelledImages:
+                   templates: TemplateSet | None = None, progress: Callable[[dict], None] | None = None,
+                   bank: PrototypeBank | None = None) -> LabelledImages:
     """Fresh prototypes (another seed) as images, for data-free validation."""
     text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates or TemplateSet(), grid.cells)
-    cfg = heldout_config(synthesis, per_cell)
-    protos = synthesize(loaded.model, text_targets(text, grid.cells), grid.cells, cfg, progress, return_images=True)
+    protos = prototypes_for(loaded, grid, text, heldout_config(synthesis, per_cell), bank, True, progress)
     assert protos.images is not None
     return LabelledImages.from_arrays(protos.images, protos.cells, loaded.preprocess)
 
@@ -137,6 +156,7 @@ def run_forget(
     heldout_per_cell: int = 10,
     templates: TemplateSet | None = None,
     progress: Callable[[dict], None] | None = None,
+    bank: PrototypeBank | None = None,
 ) -> ForgetResult:
     """The whole core method for one request; writes the unlearned checkpoint to `out`."""
     t0 = time.perf_counter()
@@ -145,9 +165,9 @@ def run_forget(
     if data is not None:
         evalset = LabelledImages.from_folder(data, loaded.preprocess, grid)
     unlearned, projection, forget, retain, protos, timings = unlearn_model(
-        loaded, grid, mode, classes, domains, synthesis, nullspace, templates, progress)
+        loaded, grid, mode, classes, domains, synthesis, nullspace, templates, progress, bank)
     if data is None:
-        evalset = heldout_images(loaded, grid, synthesis, heldout_per_cell, templates, progress)
+        evalset = heldout_images(loaded, grid, synthesis, heldout_per_cell, templates, progress, bank)
     t = time.perf_counter()
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
     before = classifier.evaluate(image_features(loaded.model, evalset.pixels), evalset.cells)

@@ -11,15 +11,14 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from clipforget.criteria import Check, mode_checks
+from clipforget.criteria import Check, forget_cell_check, max_drop_check, mode_checks
 from clipforget.evaluate import EvalReport
-from clipforget.forget import Outcome
 from clipforget.grid import Cell, Grid, forget_cells
 from clipforget.synthesis import SynthesisConfig
 
@@ -80,19 +79,22 @@ class SynthesisSettings(BaseModel):
 
     # upper bounds: a budget beyond them is a typo (10**6 prototypes per cell would run for weeks), not a setting
     prototypes_per_cell: int = Field(default=8, ge=1, le=1024)
-    steps: int = Field(default=300, ge=1, le=100_000)
+    steps: int = Field(default=150, ge=1, le=100_000)
     target_cosine: float | None = Field(default=None, gt=-1, le=1, allow_inf_nan=False,
                                         description="default: 0.77 for the toy model, 0.30 otherwise")
     seed: int = 0
-    # a cell's accuracy moves in steps of 1/n: with 10 held-out prototypes per cell one flipped image is a 0.10
-    # drop, the finest per-cell limit of the mode criteria; with fewer, one flip alone would reject a model
-    heldout_per_cell: int = Field(default=10, ge=1, le=1024, description="held-out prototypes per cell for data-free "
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 only where the "
+                                                       "hardware does it natively (CUDA, AVX512-BF16/AMX CPUs)")
+    # the gate decides a forget cell on the 95% upper bound of its accuracy: with n held-out images none of which
+    # is recognized the bound is 1 - 0.05^(1/n), under the 0.15 limit from n = 19 on (docs/GATE.md); 20 also
+    # resolves the finest retain limit (0.05 = one flip in 20)
+    heldout_per_cell: int = Field(default=20, ge=1, le=1024, description="held-out prototypes per cell for data-free "
                                   "validation")
 
     def config(self, arch: str) -> SynthesisConfig:
         target = self.target_cosine if self.target_cosine is not None else (0.77 if arch == "toy" else 0.30)
         return SynthesisConfig(prototypes_per_cell=self.prototypes_per_cell, steps=self.steps, target_cosine=target,
-                               seed=self.seed)
+                               seed=self.seed, precision=self.precision)
 
 
 class ModelPolicy(BaseModel):
@@ -229,7 +231,7 @@ def group_checks(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalR
     for mode, cells in by_mode.items():
         others = {c for m, cs in by_mode.items() if m != mode for c in cs} - set(cells)
         b, a = before.without(others), after.without(others)
-        checks += [Check(f"[{mode}] {c.name}", c.value, c.limit) for c in mode_checks(mode, b, a, cells)]
+        checks += [replace(c, name=f"[{mode}] {c.name}") for c in mode_checks(mode, b, a, cells)]
     return checks
 
 
@@ -247,9 +249,12 @@ def gate_checks(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalRe
     """Every check the unlearned model must pass to be registered."""
     checks = group_checks(groups, before, after) if thresholds.mode_criteria else []
     forget = list(dict.fromkeys(c for g in groups for c in g.cells))
-    outcome = Outcome.measure(before, after, forget)
+    measured = after.by_cell()
     if thresholds.max_forget_acc is not None:
-        checks.append(Check("request: max forget-cell accuracy", outcome.forget_max_after, thresholds.max_forget_acc))
-    if thresholds.max_retain_drop is not None:
-        checks.append(Check("request: max retain-cell drop", outcome.retain_max_cell_drop, thresholds.max_retain_drop))
+        checks.append(forget_cell_check("request: max forget-cell accuracy", after,
+                                        [c for c in forget if c in measured], thresholds.max_forget_acc))
+    retain = [c for c in before.by_cell() if c in measured and c not in set(forget)]
+    if thresholds.max_retain_drop is not None and retain:
+        checks.append(max_drop_check("request: max retain-cell drop", before, after, retain,
+                                     thresholds.max_retain_drop))
     return checks

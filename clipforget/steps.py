@@ -45,28 +45,55 @@ def parse_cells(names: Sequence[str]) -> list[Cell]:
 
 # --- text side (step 2) ---
 
+CLASSIFIER_KEY = "__classifier__"  # the zero-shot classifier rows, stored beside the cells' text embeddings
+
+
 def text_path(root: Path, checkpoint_sha256: str, cells: Sequence[Cell], templates: TemplateSet) -> Path:
-    return root / "text" / f"{digest(checkpoint_sha256, cell_names(cells), templates_digest(templates))[:32]}.safetensors"
+    key = digest("text+classifier", checkpoint_sha256, cell_names(cells), templates_digest(templates))
+    return root / "text" / f"{key[:32]}.safetensors"
 
 
-def save_text(text: dict[Cell, torch.Tensor], path: Path) -> Path:
+def save_text(text: dict[Cell, torch.Tensor], path: Path,
+              classifier: tuple[Sequence[str], torch.Tensor] | None = None) -> Path:
     from safetensors.torch import save_file
 
     from clipforget.atomic import atomic_path
 
+    tensors = {str(c): t.contiguous() for c, t in text.items()}
+    meta = {}
+    if classifier is not None:
+        tensors[CLASSIFIER_KEY] = classifier[1].contiguous()
+        meta["classes"] = json.dumps(list(classifier[0]))
     with atomic_path(path) as tmp:
-        save_file({str(c): t.contiguous() for c, t in text.items()}, str(tmp))
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
 def load_text(path: str | Path) -> dict[Cell, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return {Cell(*k.split("/", 1)): v for k, v in load_file(str(path)).items()}
+    return {Cell(*k.split("/", 1)): v for k, v in load_file(str(path)).items() if k != CLASSIFIER_KEY}
+
+
+def load_classifier(path: str | Path) -> tuple[list[str], torch.Tensor] | None:
+    """The zero-shot classifier (class names, rows) stored with the text embeddings, if any."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if CLASSIFIER_KEY not in f.keys() or "classes" not in meta:  # noqa: SIM118 - safe_open has keys() only
+            return None
+        return json.loads(meta["classes"]), f.get_tensor(CLASSIFIER_KEY)
 
 
 def write_text_embeddings(loaded: LoadedModel, cells: Sequence[Cell], templates: TemplateSet, path: Path) -> Path:
-    return save_text(cell_text_embeddings(loaded.model, loaded.tokenizer, templates, cells), path)
+    """The cells' prompt embeddings and the zero-shot classifier of their classes over their domains."""
+    from clipforget.prompts import class_text_embeddings
+
+    classes = list(dict.fromkeys(c.cls for c in cells))
+    domains = list(dict.fromkeys(c.domain for c in cells))
+    rows = class_text_embeddings(loaded.model, loaded.tokenizer, templates, classes, domains, loaded.device).cpu()
+    return save_text(cell_text_embeddings(loaded.model, loaded.tokenizer, templates, cells), path, (classes, rows))
 
 
 # --- nullspace (step 4) ---
@@ -95,7 +122,7 @@ def load_projection(path: str | Path) -> tuple[torch.Tensor, dict]:
 
 def build_projection_file(text_file: str | Path, prototypes: Prototypes | None, forget: Sequence[Cell],
                           retain: Sequence[Cell], config: NullspaceConfig, path: Path) -> tuple[Path, dict]:
-    projection = fit_projection(forget, retain, load_text(text_file), prototypes, config)
+    projection = fit_projection(forget, retain, load_text(text_file), prototypes, config, load_classifier(text_file))
     return save_projection(projection, path, forget, retain, config), projection.summary()
 
 
@@ -121,12 +148,6 @@ def evaluate_pair(base: LoadedModel, unlearned: LoadedModel, images: LabelledIma
     before = classifier.evaluate(image_features(base.model, images.pixels), images.cells)
     after = classifier.evaluate(image_features(unlearned.model, images.pixels), images.cells)
     return before, after
-
-
-def report_from_json(data: dict) -> EvalReport:
-    from clipforget.evaluate import CellScore
-
-    return EvalReport(data["accuracy"], [CellScore(c["class"], c["domain"], c["accuracy"], c["n"]) for c in data["cells"]])
 
 
 def checks_table(checks: Sequence) -> list[dict]:

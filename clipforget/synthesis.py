@@ -177,6 +177,16 @@ def _augment(x: torch.Tensor, p: torch.Tensor, noise: torch.Tensor) -> torch.Ten
 Progress = Callable[[dict], None]
 
 
+def format_progress(p: dict, width: int = 24) -> str:
+    """One line for a person: a bar of images done, the step, the mean cosine and the time left."""
+    done, total = p["done"], p["total"]
+    filled = int(width * done / total) if total else width
+    eta = p.get("eta", float("nan"))
+    eta_s = f"ETA {eta:.0f} s" if eta == eta else "ETA -"  # NaN until the first image is done
+    return (f"prototypes [{'#' * filled}{'.' * (width - filled)}] {done}/{total} done, {p['active']} active, "
+            f"step {p['step']}/{p['steps']}, mean cosine {p['mean_cosine']:.3f}, {p['elapsed']:.0f} s, {eta_s}")
+
+
 class _Slots:
     """The images being optimized: parameters, per-image Adam state and step counts, one row per slot."""
 
@@ -279,6 +289,10 @@ def synthesize(
         p.requires_grad_(False)
     try:
         fill()
+        if progress is not None:  # a first line at once, before the first check
+            progress({"done": 0, "total": n, "active": int((slots.row >= 0).sum()), "waiting": n - next_row,
+                      "step": 0, "steps": config.steps, "mean_cosine": float("nan"), "elapsed": 0.0,
+                      "eta": float("nan"), "since_last": 0.0, "precision": config.precision})
         while bool((slots.row >= 0).any()):
             live = (slots.row >= 0).nonzero().squeeze(1)
             t = slots.t[live]
@@ -336,7 +350,7 @@ def synthesize(
                                   "waiting": n - next_row, "step": int(slots.t[check].max()), "steps": config.steps,
                                   "mean_cosine": mean_cos, "elapsed": now - t0,
                                   "eta": (now - t0) / done * (n - done) if done else float("nan"),
-                                  "since_last": now - last_report})
+                                  "since_last": now - last_report, "precision": config.precision})
                         last_report = now
             if bool((slots.row < 0).any()) and next_row < n:
                 emit()

@@ -31,7 +31,8 @@ TEMPLATES = typer.Option(None, "--templates", help='Prompt templates JSON: {"dom
                          '...]}, "class_only": ["a {}."]} (default: the built-in domain-aware templates).')
 PRECISION = typer.Option("auto", "--precision", help="Synthesis precision: auto (bf16 only where the hardware does "
                          "it natively: CUDA with bf16, AVX512-BF16/AMX CPUs; else fp32), fp32 or bf16.")
-HELDOUT = typer.Option(10, "--heldout-per-cell", help="Held-out prototypes per cell for data-free evaluation.")
+HELDOUT = typer.Option(20, "--heldout-per-cell", help="Held-out prototypes per cell for data-free evaluation "
+                       "(20: the fewest whose 95% upper bound can pass the 0.15 forget limit, docs/GATE.md).")
 
 
 class UserError(Exception):
@@ -75,12 +76,33 @@ def _templates(path: Path | None) -> Any:
     return TemplateSet.from_file(path) if path is not None else TemplateSet()
 
 
-def _progress(every: int = 50):
+def _progress(every_s: float = 2.0):
+    """Synthesis progress on stderr: one bar redrawn in place on a terminal, else a line every few seconds."""
+    import time
+
+    from clipforget.synthesis import format_progress
+
+    tty = sys.stderr.isatty()
+    last = [float("-inf")]
+
     def show(p: dict) -> None:
-        if p["step"] % every == 0 or p["step"] == p["steps"]:
-            typer.echo(f"prototypes {p['offset'] + p['images']}/{p['total']}: step {p['step']}/{p['steps']} "
-                       f"active {p['active']} mean cosine {p['mean_cosine']:.3f}", err=True)
+        now = time.monotonic()
+        final = p["done"] == p["total"]
+        if tty:
+            sys.stderr.write("\r" + format_progress(p) + ("\n" if final else ""))
+            sys.stderr.flush()
+        elif final or now - last[0] >= every_s:
+            last[0] = now
+            typer.echo(format_progress(p), err=True)
     return show
+
+
+def _bank() -> Any:
+    """The prototype bank every command shares (CLIPFORGET_CACHE/prototypes, as the pipeline's)."""
+    from clipforget.bank import PrototypeBank
+    from clipforget.storage import cache_root
+
+    return PrototypeBank(cache_root() / "prototypes")
 
 
 def _user_errors():
@@ -134,7 +156,7 @@ def eval_cmd(
     data: Path = typer.Option(None, "--data", help="Labelled folder <domain>/<class>/*.png|jpg; without it, "
                               "data-free evaluation on held-out prototypes."),
     grid: str = GRID,
-    prototypes_per_cell: int = typer.Option(10, "--prototypes-per-cell", "--heldout-per-cell",
+    prototypes_per_cell: int = typer.Option(20, "--prototypes-per-cell", "--heldout-per-cell",
                                             help="Held-out prototypes per cell for data-free evaluation."),
     steps: int = STEPS,
     target_cosine: float = TARGET,
@@ -160,7 +182,7 @@ def eval_cmd(
             images = LabelledImages.from_folder(data, loaded.preprocess, g)
         else:
             cfg = _synthesis(model, prototypes_per_cell, steps, target_cosine, seed, precision)
-            images = heldout_images(loaded, g, cfg, prototypes_per_cell, prompts, progress=_progress())
+            images = heldout_images(loaded, g, cfg, prototypes_per_cell, prompts, progress=_progress(), bank=_bank())
     except _user_errors() as e:
         _fail(e)
     report = ZeroShotClassifier(loaded.model, loaded.tokenizer, g, prompts).evaluate(
@@ -213,7 +235,7 @@ def forget_cmd(
         loaded = _load(model, checkpoint, pretrained, device)
         result = run_forget(loaded, g, mode, cls_list, dom_list,
                             _synthesis(model, prototypes_per_cell, steps, target_cosine, seed, precision), ns, out, data,
-                            heldout_per_cell, prompts, progress=_progress())
+                            heldout_per_cell, prompts, progress=_progress(), bank=_bank())
     except _user_errors() as e:
         _fail(e)
     write_json(json_out, result.report)
@@ -270,8 +292,7 @@ def unlearn_cmd(
     target_cosine: float = TARGET,
     seed: int = SEED,
     precision: str = PRECISION,
-    heldout_per_cell: int = typer.Option(10, "--heldout-per-cell", help="Held-out prototypes per cell for data-free "
-                                         "validation (10: one flipped image is a 0.10 drop)."),
+    heldout_per_cell: int = HELDOUT,
     kind: str = typer.Option(None, "--projection", help="soft or hard (default per mode)."),
     source: str = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode)."),
 ) -> None:

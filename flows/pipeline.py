@@ -152,7 +152,7 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
         "forget_cells": cell_names(forget),
         "settings": {"synthesis": asdict(synthesis), "nullspace": nullspace.to_dict()},
         "projection": projection["summary"],
-        "prototypes": {k: protos[k] for k in ("reused", "synthesized", "seconds")},
+        "prototypes": {k: protos.get(k) for k in ("reused", "synthesized", "seconds", "precision", "hardware")},
         **{k: verdict[k] for k in ("evaluation", "metrics", "checks", "cells", "before", "after")},
         "passed": verdict["passed"],
         "registered": None,
@@ -166,7 +166,7 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
 
     failed = [c for c in verdict["checks"] if not c["passed"]]
     if failed:
-        report["rejected"] = "; ".join(f"{c['name']} {c['value']:.4f} > {c['limit']:.4f}" for c in failed)
+        report["rejected"] = "; ".join(rejection(c) for c in failed)
         logger.warning("rejected, not registered: %s", report["rejected"])
         if pictures:
             report["pictures"] = publish_rejected(build.version_id, build.tags, {k: v for k, v in report.items()
@@ -188,6 +188,18 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     step("register", t)
     logger.info("approved: %s version %s", policy.registered_name, report["registered"]["version"])
     return done()
+
+
+def rejection(check: dict) -> str:
+    """Why a check did not pass, in one phrase: a measured miss, or evidence too thin to decide."""
+    if check.get("status") == "not enough evidence":
+        return (f"{check['name']}: not enough evidence (n={check.get('n')}: the upper bound {check['value']:.4f} "
+                f"cannot fall under {check['limit']:.4f})")
+    why = f"{check['name']} {check['value']:.4f} > {check['limit']:.4f}"
+    if "upper bound" in str(check.get("rule", "")):
+        where = f", {check['cell']}" if check.get("cell") else ""
+        why += f" (95% upper bound; measured {check['estimate']:.4f} on n={check['n']}{where})"
+    return why
 
 
 def heldout_images(policy: ModelPolicy, base: dict, grid: Grid, text: str | None = None) -> tuple[dict, dict]:

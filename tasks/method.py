@@ -32,7 +32,7 @@ from clipforget.steps import (
     text_path,
     write_text_embeddings,
 )
-from clipforget.synthesis import Prototypes, SynthesisConfig
+from clipforget.synthesis import Prototypes, SynthesisConfig, format_progress
 from clipforget.synthesis import synthesize as synthesize_images
 from tasks import runners
 from tasks.common import file_cache_key, loaded_model, work_root
@@ -52,14 +52,25 @@ def generate_prompts(arch: str, checkpoint: str, sha256: str, cells: list[str]) 
     return str(path)
 
 
-def _progress_logger(every: int):
+def _precision(config: SynthesisConfig) -> dict:
+    """The precision synthesis runs at here (auto resolved) and what decided it, for the report."""
+    from clipforget.models import pick_device
+    from clipforget.synthesis import hardware_summary
+
+    device = pick_device()
+    return {"precision": config.resolved(device).precision, "hardware": hardware_summary(device)}
+
+
+def _progress_logger(every_s: float = 5.0):
+    """Synthesis progress as log lines: the first at once, then at least every `every_s` seconds, and the last."""
     logger = get_run_logger()
+    last = [float("-inf")]
 
     def log(p: dict) -> None:
-        if p["step"] % every == 0 or p["step"] == p["steps"]:
-            logger.info("synthesis: images %d-%d of %d, step %d/%d, %d still active, mean cosine %.3f",
-                        p["offset"] + 1, p["offset"] + p["images"], p["total"], p["step"], p["steps"], p["active"],
-                        p["mean_cosine"])
+        now = time.monotonic()
+        if now - last[0] >= every_s or p["done"] == p["total"]:
+            last[0] = now
+            logger.info("synthesis (%s): %s", p.get("precision", "?"), format_progress(p))
     return log
 
 
@@ -82,11 +93,11 @@ def synthesize_prototypes(arch: str, checkpoint: str, sha256: str, text_file: st
     text = load_text(text_file)
     targets = dict(zip(wanted, text_targets(text, wanted), strict=True))
     paths, report = synthesize_with_bank(model, targets, wanted, config, sha256, bank, with_images,
-                                         _progress_logger(max(1, config.steps // 6)))
+                                         _progress_logger())
     logger.info("prototype bank: reused %d cells, synthesized %d in %.1f s", len(report.hits),
                 len(report.synthesized), report.seconds)
     return {"paths": [str(p) for p in paths], "reused": len(report.hits), "synthesized": len(report.synthesized),
-            "seconds": round(report.seconds, 3)}
+            "seconds": round(report.seconds, 3), **_precision(config)}
 
 
 def _local_checkpoint(checkpoint: str, sha256: str, checkpoint_uri: str | None = None) -> str:
@@ -118,7 +129,7 @@ def synthesize_chunk(arch: str, checkpoint: str, sha256: str, cells: list[str], 
     device = str(next(model.parameters()).device)
     logger.info("synthesizing %d cells x %d prototypes on %s (%s, pid %d)", len(cells), config.prototypes_per_cell,
                 device, socket.gethostname(), os.getpid())
-    protos = synthesize_images(model, targets, parse_cells(cells), config, _progress_logger(max(1, config.steps // 6)),
+    protos = synthesize_images(model, targets, parse_cells(cells), config, _progress_logger(),
                                return_images=with_images)
     return {"cells": list(cells), "embeddings": protos.embeddings, "cosines": protos.cosines,
             "steps_used": protos.steps_used, "images": protos.images, "seconds": protos.seconds,
@@ -177,9 +188,10 @@ def synthesize(arch: str, checkpoint: str, sha256: str, text_file: str, cells: l
         if on_ray:
             gpus = gpus_per_task if gpus_per_task is not None else runners.gpus_per_task(runners.ray_cluster_gpus())
         logger.info("prototype bank: %d of %d cells reused, %d to synthesize in %d tasks of up to %d cells%s "
-                    "(%d prototypes/cell, %d steps, seed %d)", len(set(wanted)) - len(missing), len(set(wanted)),
-                    len(missing), len(chunks), per_task, f" on Ray, {gpus:g} GPU/task" if on_ray else " in-process",
-                    config.prototypes_per_cell, config.steps, config.seed)
+                    "(%d prototypes/cell, %d steps, seed %d; precision %s: %s)", len(set(wanted)) - len(missing),
+                    len(set(wanted)), len(missing), len(chunks), per_task,
+                    f" on Ray, {gpus:g} GPU/task" if on_ray else " in-process", config.prototypes_per_cell,
+                    config.steps, config.seed, _precision(config)["precision"], _precision(config)["hardware"])
 
         def args(chunk: list) -> dict:
             return {"arch": arch, "checkpoint": checkpoint, "sha256": sha256, "cells": cell_names(chunk),
@@ -222,7 +234,7 @@ def synthesize(arch: str, checkpoint: str, sha256: str, text_file: str, cells: l
     if missing:
         logger.info("prototype bank: synthesized %d cells in %.1f s", len(missing), seconds)
     return {"paths": [str(p) for p in paths], "reused": len(wanted) - len(_within(wanted, missing)),
-            "synthesized": len(missing), "seconds": round(seconds, 3)}
+            "synthesized": len(missing), "seconds": round(seconds, 3), **_precision(config)}
 
 
 SYNTHESIS_DEPLOYMENT_ENV = "CLIPFORGET_SYNTHESIS_DEPLOYMENT"
@@ -271,7 +283,7 @@ def synthesize_routed(arch: str, checkpoint: str, sha256: str, text_file: str, c
                            "CLIPFORGET_CACHE (the same volume at the same path)")
     out = synthesize(arch, checkpoint, sha256, text_file, cells, synthesis, with_images, checkpoint_uri=checkpoint_uri)
     return {**out, "reused": len(cells) - len(_within(parse_cells(cells), missing)), "synthesized": len(missing),
-            "seconds": round(time.perf_counter() - t0, 3)}
+            "seconds": round(time.perf_counter() - t0, 3)}  # precision: from `out`
 
 
 def _projection_file(p: dict) -> Path:

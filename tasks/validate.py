@@ -37,10 +37,12 @@ def summary_markdown(request_id: str, mode: str, forget: list[str], passed: bool
         f"(mean drop {metrics['retain_drop']:.3f}; max cell drop {metrics['retain_max_cell_drop']:.3f} "
         f"at `{metrics['worst_retain_cell']}`)",
         "",
-        "| check | measured | limit | passed |",
-        "| --- | ---: | ---: | :---: |",
+        "| check | decided on | limit | estimate | n | rule | status |",
+        "| --- | ---: | ---: | ---: | ---: | --- | :---: |",
     ]
-    lines += [f"| {c['name']} | {c['value']:.4f} | {c['limit']:.4f} | {'yes' if c['passed'] else '**no**'} |"
+    lines += [f"| {c['name']} | {c['value']:.4f} | {c['limit']:.4f} | "
+              f"{c['estimate'] if c.get('estimate') is None else format(c['estimate'], '.4f')} | {c.get('n', '')} | "
+              f"{c.get('rule', '')} | {'passed' if c['passed'] else '**' + c.get('status', 'failed') + '**'} |"
               for c in checks]
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,222 @@
+"""Prototype synthesis benchmark: speed against this machine's own matmul rate, convergence, and end-to-end cost.
+
+    python bench/synthesis.py --json runs/synthesis.json --markdown docs/BENCHMARKS.md
+    python bench/synthesis.py --quick       # speed and convergence only (no end-to-end runs, no ViT-B-32)
+
+Every figure is printed next to the CPU capability (`torch.backends.cpu.get_cpu_capability()`) and whether
+the CPU has native bf16: a speed holds for the machine it was measured on. Run it alone: another torch
+process on the same cores slows both far more than twice.
+
+- speed: image-steps/s of the synthesis loop itself (`clipforget.synthesis.synthesize` with an unreachable
+  target, so every image runs every step), and its model FLOP rate (forward + backward w.r.t. the input,
+  counted with `torch.utils.flop_counter.FlopCounterMode`) divided by the same run's fp32 2048² matmul rate;
+  for the toy model and ViT-B-32 at 224 px (random weights), in fp32 and bf16;
+- convergence: steps to the target cosine (median, p90, over every prototype, an image that never reaches
+  it counting as never) and the share that reaches it, with the default settings;
+- end to end: `clipforget unlearn` of the demo request in a fresh process with an empty cache (cold) and
+  again (warm), each step's seconds from the report, and the orchestration overhead (wall time outside the
+  steps, Prefect start-up included) as a fraction;
+- grids: synthesis cost of a cold request on the 10×4 toy grid (measured), and on the 7×4 PACS and
+  345×6 DomainNet grids with ViT-B-32 (extrapolated from the measured ViT-B-32 image-step rate and the
+  toy model's measured steps per prototype).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from clipforget.atomic import write_json, write_text
+from clipforget.grid import resolve_grid
+from clipforget.method import cell_text_embeddings, text_targets
+from clipforget.models import image_normalizer, image_size, load_model
+from clipforget.prompts import TemplateSet
+from clipforget.request import SynthesisSettings
+from clipforget.synthesis import SynthesisConfig, hardware_summary, synthesize
+
+
+def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of an n×n matmul on this machine, now."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def flops_per_image_step(model, batch: int) -> float:
+    """Forward + backward w.r.t. the input of one image, counted by FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = image_size(model)
+    x = torch.rand(batch, 3, size, size, requires_grad=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
+        model.encode_image(image_normalizer(model)(x)).float().sum().backward()
+    return counter.get_total_flops() / batch
+
+
+def loop_speed(model, targets, cells, precision: str, batch: int, steps: int) -> dict:
+    """Image-steps/s of the synthesis loop with every image running every step (target out of reach)."""
+    cfg = SynthesisConfig(prototypes_per_cell=max(1, batch // len(cells)), steps=steps, target_cosine=2.0,
+                          precision=precision, batch_size=batch, check_every=10)
+    synthesize(model, targets, cells, replace(cfg, steps=2))  # warm-up (oneDNN primitives)
+    p = synthesize(model, targets, cells, cfg)
+    return {"image_steps_per_s": float(p.steps_used.sum()) / p.seconds, "images": len(p.cells), "steps": steps}
+
+
+def speed(name: str, model, targets, cells, batch: int, steps: int, fp32_matmul: float) -> list[dict]:
+    flops = flops_per_image_step(model, min(batch, 16))
+    rows = []
+    for precision in ("fp32", "bf16"):
+        s = loop_speed(model, targets, cells, precision, batch, steps)
+        gflops = s["image_steps_per_s"] * flops / 1e9
+        rows.append({"model": name, "precision": precision, "batch": batch, **s,
+                     "gflop_per_image_step": flops / 1e9, "model_gflops": gflops,
+                     "fraction_of_fp32_matmul": gflops / fp32_matmul})
+        print(f"{name:9s} {precision}: {s['image_steps_per_s']:.1f} image-steps/s, {gflops:.1f} GFLOP/s = "
+              f"{gflops / fp32_matmul:.2f} of fp32 matmul", flush=True)
+    return rows
+
+
+def convergence(model, targets, cells, settings: SynthesisSettings) -> dict:
+    cfg = settings.config("toy")
+    p = synthesize(model, targets, cells, cfg)
+    steps = torch.where(p.reached, p.steps_used.float(), torch.full_like(p.steps_used.float(), float("inf")))
+    out = {"prototypes": len(p.cells), "target_cosine": cfg.target_cosine, "max_steps": cfg.steps,
+           "reached": float(p.reached.float().mean()), "median_steps": float(steps.median()),
+           "p90_steps": float(steps.quantile(0.9)) if torch.isfinite(steps.quantile(0.9)) else None,
+           "mean_steps_taken": float(p.steps_used.float().mean()), "seconds": p.seconds,
+           "image_steps_per_s": float(p.steps_used.sum()) / p.seconds, "precision": p.config.precision}
+    print(f"convergence: {out}", flush=True)
+    return out
+
+
+def unlearn_run(cache: Path, workdir: Path) -> dict:
+    """`clipforget unlearn` of the demo request in a fresh process; the report's step timings and the wall time."""
+    env = {**os.environ, "CLIPFORGET_CACHE": str(cache), "MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db",
+           "PREFECT_HOME": str(workdir / "prefect")}
+    report = workdir / f"report-{time.time_ns()}.json"
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "unlearn", "--model", "toy", "--mode", "global",
+                           "--classes", "star", "--json", str(report)], env=env, cwd=workdir, capture_output=True,
+                          text=True)
+    wall = time.perf_counter() - t
+    if not report.is_file():
+        raise RuntimeError(f"unlearn wrote no report (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    r = json.loads(report.read_text())
+    steps = {k: v for k, v in r.get("timings", {}).items() if k != "total_s"}
+    inside = sum(steps.values())
+    return {"wall_s": wall, "exit": proc.returncode, "steps": steps, "flow_total_s": r.get("timings", {}).get("total_s"),
+            "outside_steps_s": wall - inside, "overhead_fraction": (wall - inside) / wall,
+            "passed": r.get("passed"), "prototypes": r.get("prototypes")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hw = hardware_summary()
+    print(f"hardware: {hw}", flush=True)
+    fp32_mm, bf16_mm = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
+    print(f"matmul 2048²: fp32 {fp32_mm:.1f} GFLOP/s, bf16 {bf16_mm:.1f} GFLOP/s", flush=True)
+    toy = load_model("toy", device="cpu")
+    grid = resolve_grid("toy")
+    text = cell_text_embeddings(toy.model, toy.tokenizer, TemplateSet(), grid.cells)
+    targets = text_targets(text, grid.cells)
+    out: dict = {"hardware": hw, "matmul_gflops": {"fp32": fp32_mm, "bf16": bf16_mm}}
+    out["speed"] = speed("toy", toy.model, targets[:16], grid.cells[:16], 128, 20, fp32_mm)
+    settings = SynthesisSettings()
+    out["convergence"] = convergence(toy.model, targets, grid.cells, settings.model_copy(update={"prototypes_per_cell": 2}))
+    if not args.quick:
+        import open_clip
+
+        vit, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+        vit.eval()
+        tok = open_clip.get_tokenizer("ViT-B-32")
+        vt = cell_text_embeddings(vit, tok, TemplateSet(), grid.cells[:8])
+        out["speed"] += speed("ViT-B-32", vit, text_targets(vt, grid.cells[:8]), grid.cells[:8], 8, 3, fp32_mm)
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            (work / "cache").mkdir()
+            out["cold"] = unlearn_run(work / "cache", work)
+            print(f"cold unlearn: {out['cold']}", flush=True)
+            out["warm"] = unlearn_run(work / "cache", work)
+            print(f"warm unlearn: {out['warm']}", flush=True)
+    out["grids"] = grid_costs(out, settings)
+    if args.json:
+        write_json(args.json, out)
+    if args.markdown:
+        write_text(args.markdown, markdown(out))
+
+
+def grid_costs(out: dict, settings: SynthesisSettings) -> list[dict]:
+    """Synthesis seconds of a cold request per grid: cells × (projection + held-out prototypes) × steps per prototype
+    ÷ image-steps per second."""
+    per_proto_steps = out["convergence"]["mean_steps_taken"]
+    k = settings.prototypes_per_cell + settings.heldout_per_cell
+    best = {}
+    for r in out["speed"]:
+        best[r["model"]] = max(best.get(r["model"], 0.0), r["image_steps_per_s"])
+    rows = []
+    for name, cells, model in (("toy 10×4", 40, "toy"), ("PACS 7×4", 28, "ViT-B-32"), ("DomainNet 345×6", 2070, "ViT-B-32")):
+        if model not in best:
+            continue
+        seconds = cells * k * per_proto_steps / best[model]
+        rows.append({"grid": name, "model": model, "cells": cells, "prototypes": cells * k,
+                     "image_steps": cells * k * per_proto_steps, "seconds": seconds,
+                     "how": "extrapolated from measured image-steps/s and the toy model's steps per prototype"})
+    return rows
+
+
+def markdown(out: dict) -> str:
+    hw = out["hardware"]
+    lines = [f"Measured with `python bench/synthesis.py --json runs/synthesis.json --markdown docs/BENCHMARKS.md` on "
+             f"CPU capability **{hw['cpu_capability']}** (native bf16: {hw['cpu_native_bf16']}), "
+             f"{hw['torch_threads']} torch threads. Same-run 2048² matmul: fp32 {out['matmul_gflops']['fp32']:.1f} "
+             f"GFLOP/s, bf16 {out['matmul_gflops']['bf16']:.1f} GFLOP/s.", "",
+             "### Speed of the synthesis loop", "",
+             "| model | precision | batch | image-steps/s | GFLOP per image-step | model GFLOP/s | ÷ fp32 matmul |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['precision']} | {r['batch']} | {r['image_steps_per_s']:.1f} | "
+              f"{r['gflop_per_image_step']:.3f} | {r['model_gflops']:.1f} | {r['fraction_of_fp32_matmul']:.2f} |"
+              for r in out["speed"]]
+    c = out["convergence"]
+    lines += ["", "### Convergence (default settings, toy model, every cell)", "",
+              f"{c['prototypes']} prototypes, target cosine {c['target_cosine']}, at most {c['max_steps']} steps, "
+              f"precision {c['precision']}: **{c['reached']:.0%} reach the target**, median steps to it "
+              f"**{c['median_steps']:.0f}**, p90 {c['p90_steps'] if c['p90_steps'] is not None else 'never'}; mean "
+              f"steps taken {c['mean_steps_taken']:.1f}; {c['image_steps_per_s']:.0f} image-steps/s.", ""]
+    for label in ("cold", "warm"):
+        if label in out:
+            r = out[label]
+            steps = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in r["steps"].items())
+            lines += [f"**{label} `clipforget unlearn --model toy --mode global --classes star`**: {r['wall_s']:.1f} s "
+                      f"wall (exit {r['exit']}); steps (s): {steps}; outside the steps {r['outside_steps_s']:.1f} s "
+                      f"= {r['overhead_fraction']:.0%} overhead.", ""]
+    lines += ["### Cost as the grid grows (cold request: projection + held-out prototypes)", "",
+              "| grid | model | cells | prototypes | image-steps | seconds | how |", "|---|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {g['grid']} | {g['model']} | {g['cells']} | {g['prototypes']} | {g['image_steps']:.0f} | "
+              f"{g['seconds']:.0f} | {g['how']} |" for g in out["grids"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

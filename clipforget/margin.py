@@ -1,0 +1,85 @@
+"""A margin-aware linear map: forget by zero-shot margins, not only by removing directions.
+
+In a near-additive embedding (h ≈ a_class + b_domain) a projection can only remove directions, so it
+cannot forget a class in one domain and keep it in another: that needs the domain's direction mapped
+toward *minus* the class's text direction, which a general linear map can express. This module solves
+for such a map, training-free (the network is untouched; only a d×d matrix is fitted):
+
+    minimize  ‖P − P₀‖²_F + C · ( mean_forget hinge(m + s_y(Ph) − max_{c≠y} s_c(Ph))
+                                 + mean_retain hinge(min(m, m₀) − s_y(Ph) + max_{c≠y} s_c(Ph)) )
+
+where s_c(h) = cos(h, t_c) are the zero-shot logits of the class rows t_c, y is a sample's true class and
+m₀ its margin before (a retain sample that was not classified correctly is not forced to be). P₀ is the
+start: the identity, or a nullspace projection to refine. A few hundred Adam steps on a d×d matrix:
+seconds on a CPU. The result is folded like any projection (W' = W Pᵀ).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from clipforget.nullspace import Projection
+
+
+def _margins(h: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """True-class logit minus the best other logit, per row of h."""
+    s = F.normalize(h, dim=-1) @ classifier.T
+    true = s.gather(1, labels[:, None]).squeeze(1)
+    other = s.scatter(1, labels[:, None], float("-inf")).max(1).values
+    return true - other
+
+
+def margin_projection(
+    forget: torch.Tensor,
+    forget_labels: torch.Tensor,
+    retain: torch.Tensor,
+    retain_labels: torch.Tensor,
+    classifier: torch.Tensor,
+    *,
+    margin: float = 0.05,
+    weight: float = 30.0,
+    steps: int = 300,
+    lr: float = 0.01,
+    start: torch.Tensor | None = None,
+    retain_weights: torch.Tensor | None = None,
+    retain_margin: float | None = None,
+) -> Projection:
+    """Fit P [d, d] on forget/retain image embeddings (rows) with class labels and the zero-shot classifier.
+
+    Deterministic for given inputs (full-batch Adam from `start`, default the identity).
+    """
+    if forget.ndim != 2 or retain.ndim != 2 or forget.shape[1] != retain.shape[1] != classifier.shape[1]:
+        raise ValueError("forget, retain and classifier must be [n, d] with the same d")
+    if len(forget) == 0:
+        raise ValueError("the forget set is empty")
+    d = forget.shape[1]
+    f, r = forget.double(), retain.double()
+    t = F.normalize(classifier.double(), dim=-1)
+    fl, rl = forget_labels.long(), retain_labels.long()
+    with torch.no_grad():
+        m0 = _margins(r, t, rl)
+    keep = m0 > 0  # only samples the model got right are held to a margin
+    # a retain sample keeps its own margin up to `retain_margin` (default: the forget margin)
+    r_target = torch.clamp(m0, max=margin if retain_margin is None else retain_margin)
+    rw = torch.ones(len(r), dtype=torch.float64) if retain_weights is None else retain_weights.double()
+    rw = rw * keep
+    P0 = (torch.eye(d, dtype=torch.float64) if start is None else start.double()).clone()
+    P = P0.clone().requires_grad_()
+    opt = torch.optim.Adam([P], lr=lr)
+    for _ in range(steps):
+        hf, hr = f @ P.T, r @ P.T
+        forget_loss = F.relu(margin + _margins(hf, t, fl)).mean()
+        retain_loss = (F.relu(r_target - _margins(hr, t, rl)) * rw).sum() / rw.sum().clamp(min=1)
+        loss = ((P - P0) ** 2).sum() + weight * (forget_loss + retain_loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        P_final = P.detach()
+        fm, rm = _margins(f @ P_final.T, t, fl), _margins(r @ P_final.T, t, rl)
+        stats = {"margin": margin, "weight": weight, "steps": steps, "lr": lr,
+                 "forget_violations": float((fm > -margin).double().mean()),
+                 "retain_flips": float(((rm <= 0) & keep).double().sum() / keep.sum().clamp(min=1)),
+                 "distance": float((P_final - P0).norm())}
+    return Projection(P_final, "margin", stats)  # type: ignore[arg-type]
