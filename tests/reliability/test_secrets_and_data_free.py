@@ -198,3 +198,55 @@ def test_data_free_unlearn_registers_exactly_when_the_gate_passes(demo_run, chec
     checked(f"unlearn without --data (the make demo path), tiny budgets, the mode's criteria: "
             f"{'rejected, nothing registered' if failed else 'approved, registered once'}; report on held-out "
             "prototypes", bad_registrations=0)
+
+
+def _govern(secret_run, tmp_path, *extra: str):
+    out = tmp_path / "governance.json"
+    r = CliRunner().invoke(app, ["govern", "--policy", str(secret_run["ws"] / "policy.json"), "--ledger",
+                                 secret_run["ledger"], "--no-promote", "--json", str(out), *extra])
+    return r, json.loads(out.read_text()) if out.is_file() else None
+
+
+def test_cli_rebuild_gives_the_registered_weights(secret_run, checked):
+    """`clipforget rebuild` from the base checkpoint and the ledger. The digests are compared bit for bit: the
+    rebuild runs in the process (same CPU, same torch thread count) that built the version, where the fold is
+    deterministic; on another machine a rebuild may differ in the last bits, which this test does not claim."""
+    r = CliRunner().invoke(app, ["rebuild", "--policy", str(secret_run["ws"] / "policy.json"), "--ledger",
+                                 secret_run["ledger"]])
+    assert r.exit_code == 0, r.output
+    assert f"{NAME} version {secret_run['report']['registered']['version']}: sha256" in r.output
+    assert "(identical)" in r.output
+    checked("clipforget rebuild (CLI): rebuilt from base + ledger, sha256 identical to the registered weights")
+
+
+def test_cli_govern_fails_when_no_version_is_champion(secret_run, tmp_path, checked):
+    from clipforget import registry
+
+    c = registry.client()
+    version = secret_run["report"]["registered"]["version"]
+    c.delete_registered_model_alias(NAME, registry.CHAMPION)
+    try:
+        r, report = _govern(secret_run, tmp_path)
+    finally:
+        c.set_registered_model_alias(NAME, registry.CHAMPION, version)
+    assert r.exit_code == 1 and "VIOLATION" in r.output, r.output
+    assert [f["kind"] for f in report["findings"]] == ["champion"]
+    assert "no version of rel-secrets holds the `champion` alias" in report["findings"][0]["message"]
+    checked("govern (CLI) with the champion alias gone: exit 1, VIOLATION, finding `champion`; alias restored")
+
+
+def test_cli_govern_fails_when_the_champion_weights_are_not_the_registered_ones(secret_run, tmp_path, checked):
+    from clipforget import registry
+
+    c = registry.client()
+    version = secret_run["report"]["registered"]["version"]
+    real = c.get_model_version(NAME, version).tags[registry.TAG_SHA256]
+    c.set_model_version_tag(NAME, version, registry.TAG_SHA256, "f" * 64)
+    try:
+        r, report = _govern(secret_run, tmp_path)
+    finally:
+        c.set_model_version_tag(NAME, version, registry.TAG_SHA256, real)
+    assert r.exit_code == 1 and "VIOLATION" in r.output, r.output
+    kinds = [f["kind"] for f in report["findings"]]
+    assert "weights" in kinds and f"not the registered {'f' * 16}" in report["findings"][kinds.index("weights")]["message"]
+    checked("govern (CLI) when the champion's weights do not hash to its sha256 tag: exit 1, finding `weights`")
