@@ -202,11 +202,32 @@ def test_cli_request_list_and_show(two, setup, tmp_path):
 
 
 def test_pending_requests_are_built_in_one_batch_by_governance(two, setup, tmp_path):
-    """A request only appended (`request submit --no-build`) is built and promoted by the next governance run."""
+    """A request only appended (`request submit --no-build`) is built and promoted by the next governance run.
+
+    Stands alone: afterwards the ledger, the registry and the champion are as `two` left them (the appended entry
+    is the newest, so removing it leaves the chain consistent; the version built for it is deleted)."""
     from typer.testing import CliRunner
 
     from flows.cli import app
 
+    entries_before = {e.seq for e in Ledger(setup["ledger"]).entries()}
+    versions_before = {v["version"] for v in registry.versions(NAME)}
+    champion_before = registry.champion(NAME)["version"]
+    try:
+        _pending_request_is_built_and_promoted(setup, tmp_path, app, CliRunner)
+    finally:
+        for e in Ledger(setup["ledger"]).entries():
+            if e.seq not in entries_before:
+                setup["client"].delete_object(Bucket=setup["bucket"], Key=f"{setup['prefix']}{e.seq:08d}.json")
+        for v in registry.versions(NAME):
+            if v["version"] not in versions_before:
+                registry.client().delete_model_version(NAME, v["version"])
+        registry.promote(NAME, champion_before)
+    assert {e.seq for e in Ledger(setup["ledger"]).entries()} == entries_before
+    assert {v["version"] for v in registry.versions(NAME)} == versions_before
+
+
+def _pending_request_is_built_and_promoted(setup, tmp_path, app, CliRunner) -> None:
     request = tmp_path / "house.json"
     request.write_text(json.dumps({"request_id": "dsr-house", "requested_by": "privacy@example.com",
                                    "mode": "global", "classes": ["house"]}))
