@@ -33,6 +33,26 @@ SECTIONS = {
     "test_disk_full": "Faults: a full disk",
 }
 COUNTERS = ("faults_survived", "bad_registrations", "ledger_delta", "secrets_found")
+NOTES = """## Decisions where the issue was silent
+
+- **Limits.** A request or policy file is at most 1 MiB and UTF-8; `requested_by` is one line of 1-256 characters
+  without control characters (markup is kept verbatim: it is only ever a tag value and a CLI line, never rendered);
+  `reason` at most 4,000 characters; synthesis budgets 1-1,024 prototypes (and held-out prototypes) per cell and
+  1-100,000 steps; thresholds and the target cosine must be finite. Grid names are 1-200 characters without `/`,
+  `,`, `\\`, control characters or surrounding spaces (cells are named `class/domain` and joined by `,`).
+- **Images.** Evaluation images are checked before any work: at least 8x8 and at most 40 million pixels, a valid
+  header and PNG/JPEG structure (`PIL.Image.verify`, no decoding), and every file and folder must resolve inside
+  the data folder (symlinks out of it are refused). A mirrored S3 prefix that fails the check is not kept.
+- **Checkpoints.** A safetensors header is checked against the file size before any reader maps it; NaN or Inf
+  weights are refused; a state dict that does not fit the architecture names its missing, unexpected or
+  mis-shaped tensors. A non-safetensors file is read only with `weights_only=True`; a pickle is refused.
+- **Signals.** The first SIGTERM or Ctrl-C prints one line, lets Prefect record the run as crashed for up to 2 s,
+  then ends every child process and exits with 128 + the signal number; a second signal ends it at once.
+  Commands called in-process (tests, notebooks) keep their host's handlers.
+- **S3 timeouts.** `CLIPFORGET_S3_TIMEOUT` (default 60 s) bounds one call, so a stalled endpoint is retried instead
+  of hanging.
+- **MLflow user.** Runs are tagged `mlflow.user=clipforget` instead of the tracking username MLflow would record.
+"""
 
 
 def run_tests(xml: Path) -> float:
@@ -113,15 +133,16 @@ def markdown(rows: list[dict], seconds: float | None) -> str:
             result = r["result"] if r["result"] == "passed" else f"**{r['result']}**: {_cell(r['failure'])}"
             lines.append(f"| {_cell(r['case'])} | {_cell(what)} | {result} | {r['seconds']:.1f} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n" + NOTES
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--xml", type=Path, help="convert this JUnit XML instead of running the tests")
     ap.add_argument("--markdown", type=Path, default=REPO / "docs" / "RELIABILITY.md")
+    ap.add_argument("--seconds", type=float, help="with --xml: the measured wall time of that run, for the header")
     args = ap.parse_args()
-    seconds = None
+    seconds = args.seconds
     xml = args.xml
     if xml is None:
         xml = REPO / "runs" / "reliability.xml"

@@ -250,3 +250,35 @@ def test_cli_govern_fails_when_the_champion_weights_are_not_the_registered_ones(
     kinds = [f["kind"] for f in report["findings"]]
     assert "weights" in kinds and f"not the registered {'f' * 16}" in report["findings"][kinds.index("weights")]["message"]
     checked("govern (CLI) when the champion's weights do not hash to its sha256 tag: exit 1, finding `weights`")
+
+
+def test_mlflow_down_at_registration_then_back_registers_exactly_one_version(secret_run, servers, tmp_path,
+                                                                              monkeypatch, checked):
+    """MLflow answers 503 to every model-version creation (a fault-injecting proxy in front of the server), then
+    comes back: the first run fails cleanly with nothing registered, the rerun registers exactly one version."""
+    from faultproxy import Fault, FaultProxy
+
+    from clipforget import registry
+
+    name = "rel-mlflow-down"
+    args = ["unlearn", "--mode", "global", "--classes", "heart", "--registered-name", name, "--request-id", "down-1",
+            "--prototypes-per-cell", "2", "--steps", "10", "--heldout-per-cell", "2", "--no-mode-criteria",
+            "--max-forget-acc", "1", "--max-retain-drop", "1", "--json", str(tmp_path / "r.json")]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLIPFORGET_CACHE", str(secret_run["ws"] / "cache"))  # its prototype bank: no synthesis
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the proxy's 503 reaches the task at once
+    with FaultProxy(servers["mlflow"]) as proxy:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
+        seen = proxy.plan(lambda method, path, n: Fault("status", 503) if "model-versions/create" in path else Fault())
+        down = CliRunner().invoke(app, args)
+        assert down.exit_code == 1 and seen.count("status") >= 1, down.output
+        assert registry.versions(name) == []
+        proxy.plan(lambda method, path, n: Fault())
+        up = CliRunner().invoke(app, args)
+    assert up.exit_code == 0 and f"approved: registered {name} version 1" in up.output, up.output
+    again = CliRunner().invoke(app, args)  # and a third run registers nothing new
+    assert again.exit_code == 0 and "already registered" in again.output
+    assert [v["version"] for v in registry.versions(name)] == ["1"]
+    checked(f"model-version creation answered 503 ({seen.count('status')} calls): run failed, nothing registered; "
+            "MLflow back: the rerun registered version 1, a third run nothing (exactly one version)",
+            faults_survived=1, bad_registrations=0)
