@@ -55,6 +55,7 @@ def main() -> None:
     loaded = load_model("toy", device="cpu")
     grid = resolve_grid("toy")
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, TemplateSet())
+    zero_shot = (classifier.classes, classifier.weights)  # what the margin-aware projection works against
     renders = render_features(loaded, grid, classifier, SEEDS, args.per_cell)
     text = cell_text_embeddings(loaded.model, loaded.tokenizer, TemplateSet(), grid.cells)
     synth = SynthesisConfig()
@@ -65,13 +66,14 @@ def main() -> None:
     def union(groups: list[ForgetGroup]) -> Projection:
         forget = list(dict.fromkeys(c for g in groups for c in g.cells))
         return fit_projection(forget, retain_cells(grid, forget), text, protos,
-                              default_config(cumulative_mode([g.mode for g in groups])))
+                              default_config(cumulative_mode([g.mode for g in groups])), zero_shot)
 
     def product(groups: list[ForgetGroup]) -> Projection:
         forget = list(dict.fromkeys(c for g in groups for c in g.cells))
         P = torch.eye(protos.embeddings.shape[1], dtype=torch.float64)
         for g in groups:
-            P = fit_projection(list(g.cells), retain_cells(grid, forget), text, protos, default_config(g.mode)).P @ P
+            P = fit_projection(list(g.cells), retain_cells(grid, forget), text, protos, default_config(g.mode),
+                               zero_shot).P @ P
         return Projection(P, "soft")
 
     rows = []

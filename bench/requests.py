@@ -121,7 +121,8 @@ def main() -> None:
             over = {k: type(getattr(cfg, k))(v) for k, v in (f.split("=", 1) for f in fields)}
             cfg = replace(cfg, kind=name, **over)  # type: ignore[arg-type]
         proj = fit_projection(forget, retain_cells(grid, forget), text, protos, cfg, rows_cls)
-        gate = gate_checks(groups, held_base, classifier.evaluate(proj(held_feats), held_set.cells), Thresholds())
+        held_after = classifier.evaluate(proj(held_feats), held_set.cells)
+        gate = gate_checks(groups, held_base, held_after, Thresholds())
         after_feats = proj(render_feats)
         after = classifier.evaluate(after_feats, render_set.cells)
         truth = gate_checks(groups, render_base, after, Thresholds())
@@ -131,6 +132,11 @@ def main() -> None:
         return {"gate": status, "truth": truth_pass(truth), "gate_checks": [c.to_dict() for c in gate],
                 "truth_checks": [c.to_dict() for c in truth],
                 "forget_after": {str(c): after.by_cell()[c].accuracy for c in forget},
+                "heldout_forget_after": {str(c): held_after.by_cell()[c].accuracy for c in forget},
+                "retain_drops": {str(c): render_base.by_cell()[c].accuracy - after.by_cell()[c].accuracy
+                                 for c in retain_cells(grid, forget)},
+                "heldout_retain_drops": {str(c): held_base.by_cell()[c].accuracy - held_after.by_cell()[c].accuracy
+                                         for c in retain_cells(grid, forget)},
                 "retain_after": after.mean_over(retain_cells(grid, forget)),
                 "retain_before": render_base.mean_over(retain_cells(grid, forget)),
                 "probe": [p.to_dict() for p in probes],
@@ -173,11 +179,12 @@ def main() -> None:
                       flush=True)
 
     summary = {label: summarize(rows) for label, rows in results.items()}
+    agreement = {label: agreement_table(rows) for label, rows in results.items()}
     for label, s in summary.items():
         print(f"[{label}] {s}", flush=True)
     out = {"render_seed": args.render_seed, "per_cell": args.per_cell, "heldout_per_cell": held_n,
-           "hardware": hardware_summary(), "prototypes": protos.summary(), "summary": summary, "requests": results,
-           "lineage": lineage, "seconds": round(time.perf_counter() - t0, 1)}
+           "hardware": hardware_summary(), "prototypes": protos.summary(), "summary": summary, "agreement": agreement,
+           "requests": results, "lineage": lineage, "seconds": round(time.perf_counter() - t0, 1)}
     if args.json:
         write_json(args.json, out)
     if args.markdown:
@@ -202,8 +209,36 @@ def summarize(rows: list[dict]) -> dict:
     return by_mode
 
 
+def agreement_table(rows: list[dict]) -> dict:
+    """Per mode: how held-out prototype accuracy relates to rendered-image accuracy, cell by cell."""
+    import numpy as np
+
+    out = {}
+    for mode in ("global", "domain", "domain_complete"):
+        rs = [r for r in rows if r["mode"] == mode]
+        if not rs:
+            continue
+        f_h = np.array([r["heldout_forget_after"][c] for r in rs for c in r["forget_after"]])
+        f_i = np.array([r["forget_after"][c] for r in rs for c in r["forget_after"]])
+        r_h = np.array([r["heldout_retain_drops"][c] for r in rs for c in r["retain_drops"]])
+        r_i = np.array([r["retain_drops"][c] for r in rs for c in r["retain_drops"]])
+        out[mode] = {
+            "forget_cells": len(f_h), "forget_heldout_mean": float(f_h.mean()), "forget_images_mean": float(f_i.mean()),
+            "forget_corr": float(np.corrcoef(f_h, f_i)[0, 1]) if f_h.std() > 0 and f_i.std() > 0 else float("nan"),
+            "forget_under_limit_agree": float(((f_h <= 0.15) == (f_i <= 0.15)).mean()),
+            "forget_heldout_pass_image_miss": int(((f_h == 0) & (f_i > 0.15)).sum()),
+            "retain_cells": len(r_h), "retain_drop_heldout_mean": float(r_h.mean()),
+            "retain_drop_images_mean": float(r_i.mean()),
+            "retain_drop_corr": float(np.corrcoef(r_h, r_i)[0, 1]) if r_h.std() > 0 and r_i.std() > 0 else float("nan"),
+        }
+    return out
+
+
 def markdown(out: dict) -> str:
-    lines = [f"Render seed {out['render_seed']} ({out['per_cell']} images per cell), held-out prototypes "
+    lines = ["Regenerate with `python bench/requests.py --json runs/requests.json --markdown docs/REQUESTS.md` (with "
+             "the prototype bank filled, about 4 minutes on 2 CPU cores). Settings were chosen on validation renders "
+             "(seeds 1 and 5: `--render-seed 1`); this table is a render no choice was made on.", "",
+             f"Render seed {out['render_seed']} ({out['per_cell']} images per cell), held-out prototypes "
              f"{out['heldout_per_cell']} per cell, CPU capability {out['hardware']['cpu_capability']}, "
              f"{out['seconds']} s.", ""]
     for label, s in out["summary"].items():
@@ -213,6 +248,16 @@ def markdown(out: dict) -> str:
         lines += [f"| {m} | {v['requests']} | {v['approved']} | {v['meet_on_images']} | {v['false_approvals']} | "
                   f"{v['false_rejections']} | {v['not_enough_evidence']} | {v['probe_within_10_points']} |"
                   for m, v in s.items()]
+        lines.append("")
+    for label, agree in out.get("agreement", {}).items():
+        lines += [f"### Do held-out prototypes predict images? ({label}; per cell, after unlearning)", "",
+                  "| mode | forget cells | forget acc. held-out / images (mean) | correlation | same side of 0.15 | "
+                  "0 on held-out but > 0.15 on images | retain cells | retain drop held-out / images (mean) | "
+                  "correlation |", "|---|---:|---|---:|---:|---:|---:|---|---:|"]
+        lines += [f"| {m} | {a['forget_cells']} | {a['forget_heldout_mean']:.3f} / {a['forget_images_mean']:.3f} | "
+                  f"{a['forget_corr']:.2f} | {a['forget_under_limit_agree']:.0%} | {a['forget_heldout_pass_image_miss']} | "
+                  f"{a['retain_cells']} | {a['retain_drop_heldout_mean']:.4f} / {a['retain_drop_images_mean']:.4f} | "
+                  f"{a['retain_drop_corr']:.2f} |" for m, a in agree.items()]
         lines.append("")
     for label, rows in out["lineage"].items():
         lines += [f"### Lineage ({label})", "", "| length | request added | gate | targets on images | persistence | "

@@ -79,7 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-cell", type=int, default=50)
     ap.add_argument("--prototypes-per-cell", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=SynthesisConfig().steps)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bank", default="runs/bank", help="prototype bank folder (reused across runs)")
     ap.add_argument("--tune", action="store_true", help="grid-search settings on the validation render")
@@ -113,7 +113,8 @@ def main() -> None:
         feats, cells, base = renders[seed]
         forget = forget_cells(grid, mode, classes, domains)
         t = time.perf_counter()
-        proj = fit_projection(forget, retain_cells(grid, forget), text, protos, cfg)
+        proj = fit_projection(forget, retain_cells(grid, forget), text, protos, cfg,
+                              (classifier.classes, classifier.weights))
         build_ms = (time.perf_counter() - t) * 1e3
         after = classifier.evaluate(proj(feats), cells)
         checks = mode_checks(mode, base, after, forget)

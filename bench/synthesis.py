@@ -1,6 +1,6 @@
 """Prototype synthesis benchmark: speed against this machine's own matmul rate, convergence, and end-to-end cost.
 
-    python bench/synthesis.py --json runs/synthesis.json --markdown docs/BENCHMARKS.md
+    python bench/synthesis.py --sweep --json runs/synthesis.json --markdown docs/BENCHMARKS.md
     python bench/synthesis.py --quick       # speed and convergence only (no end-to-end runs, no ViT-B-32)
 
 Every figure is printed next to the CPU capability (`torch.backends.cpu.get_cpu_capability()`) and whether
@@ -104,6 +104,34 @@ def convergence(model, targets, cells, settings: SynthesisSettings) -> dict:
     return out
 
 
+# the first wave's settings, then one change at a time towards today's defaults (what each is worth), then the defaults
+SWEEP = [
+    ("first wave (lr 0.08, beta1 0.9, residual 1, augment 1, 300 steps)",
+     dict(lr=0.08, beta1=0.9, high_scale=1.0, augment=1.0, steps=300)),
+    ("... at 150 steps", dict(lr=0.08, beta1=0.9, high_scale=1.0, augment=1.0, steps=150)),
+    ("+ residual step 0.1", dict(lr=0.08, beta1=0.9, high_scale=0.1, augment=1.0, steps=150)),
+    ("+ augment 0.5", dict(lr=0.08, beta1=0.9, high_scale=0.1, augment=0.5, steps=150)),
+    ("+ lr 0.2", dict(lr=0.2, beta1=0.9, high_scale=0.1, augment=0.5, steps=150)),
+    ("+ beta1 0.5 (today's defaults)", dict()),
+    ("defaults, low-res start 8", dict(low_res=8)),
+    ("defaults, augmentation fading with the lr", dict(augment_decay=1.0)),
+]
+
+
+def sweep(model, targets, cells) -> list[dict]:
+    """Steps to the target for each setting of SWEEP on the same prototypes (2 per cell of `cells`)."""
+    rows = []
+    for label, over in SWEEP:
+        cfg = replace(SynthesisSettings(prototypes_per_cell=2).config("toy"), **over)
+        p = synthesize(model, targets, cells, cfg)
+        steps = torch.where(p.reached, p.steps_used.float(), torch.full_like(p.steps_used.float(), float("inf")))
+        rows.append({"setting": label, "overrides": over, "prototypes": len(p.cells),
+                     "reached": float(p.reached.float().mean()), "median_steps": float(steps.median()),
+                     "mean_steps_taken": float(p.steps_used.float().mean()), "seconds": p.seconds})
+        print(f"sweep: {rows[-1]}", flush=True)
+    return rows
+
+
 def unlearn_run(cache: Path, workdir: Path) -> dict:
     """`clipforget unlearn` of the demo request in a fresh process; the report's step timings and the wall time."""
     env = {**os.environ, "CLIPFORGET_CACHE": str(cache), "MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db",
@@ -121,12 +149,13 @@ def unlearn_run(cache: Path, workdir: Path) -> dict:
     inside = sum(steps.values())
     return {"wall_s": wall, "exit": proc.returncode, "steps": steps, "flow_total_s": r.get("timings", {}).get("total_s"),
             "outside_steps_s": wall - inside, "overhead_fraction": (wall - inside) / wall,
-            "passed": r.get("passed"), "prototypes": r.get("prototypes")}
+            "passed": r.get("passed"), "prototypes": r.get("prototypes"), "stdout": proc.stdout[-1500:]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also measure steps to the target for each setting in SWEEP")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
@@ -145,6 +174,8 @@ def main() -> None:
     out["speed"] = speed("toy", toy.model, targets[:16], grid.cells[:16], 128, 20, fp32_mm)
     settings = SynthesisSettings()
     out["convergence"] = convergence(toy.model, targets, grid.cells, settings.model_copy(update={"prototypes_per_cell": 2}))
+    if args.sweep:
+        out["sweep"] = sweep(toy.model, targets[::2], grid.cells[::2])
     if not args.quick:
         import open_clip
 
@@ -188,7 +219,8 @@ def grid_costs(out: dict, settings: SynthesisSettings) -> list[dict]:
 
 def markdown(out: dict) -> str:
     hw = out["hardware"]
-    lines = [f"Measured with `python bench/synthesis.py --json runs/synthesis.json --markdown docs/BENCHMARKS.md` on "
+    lines = ["# Benchmarks: prototype synthesis", "",
+             "Measured with `python bench/synthesis.py --sweep --json runs/synthesis.json --markdown docs/BENCHMARKS.md` on "
              f"CPU capability **{hw['cpu_capability']}** (native bf16: {hw['cpu_native_bf16']}), "
              f"{hw['torch_threads']} torch threads. Same-run 2048² matmul: fp32 {out['matmul_gflops']['fp32']:.1f} "
              f"GFLOP/s, bf16 {out['matmul_gflops']['bf16']:.1f} GFLOP/s.", "",
@@ -204,6 +236,13 @@ def markdown(out: dict) -> str:
               f"precision {c['precision']}: **{c['reached']:.0%} reach the target**, median steps to it "
               f"**{c['median_steps']:.0f}**, p90 {c['p90_steps'] if c['p90_steps'] is not None else 'never'}; mean "
               f"steps taken {c['mean_steps_taken']:.1f}; {c['image_steps_per_s']:.0f} image-steps/s.", ""]
+    if "sweep" in out:
+        lines += ["### What each change is worth (steps to the target, 2 prototypes for each of 20 cells)", "",
+                  "| setting | reached the target | median steps to it | mean steps taken | seconds |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['setting']} | {r['reached']:.0%} | {r['median_steps']:.0f} | {r['mean_steps_taken']:.1f} | "
+                  f"{r['seconds']:.1f} |" for r in out["sweep"]]
+        lines.append("")
     for label in ("cold", "warm"):
         if label in out:
             r = out[label]

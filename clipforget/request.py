@@ -115,7 +115,7 @@ class ModelPolicy(BaseModel):
                                  "default: data-free validation on held-out prototypes")
     thresholds: Thresholds = Thresholds()
     synthesis: SynthesisSettings = SynthesisSettings()
-    projection: Literal["soft", "hard"] | None = None
+    projection: Literal["soft", "hard", "margin"] | None = None
     source: Literal["text", "prototypes", "multimodal"] | None = None
     registered_name: str | None = Field(default=None, description="MLflow registered model name; default clipforget-<arch>")
 

@@ -213,7 +213,7 @@ def forget_cmd(
     seed: int = SEED,
     precision: str = PRECISION,
     heldout_per_cell: int = HELDOUT,
-    kind: str = typer.Option(None, "--projection", help="soft or hard (default per mode)."),
+    kind: str = typer.Option(None, "--projection", help="soft, hard or margin (default per mode)."),
     source: str = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode)."),
     templates: Path = TEMPLATES,
     device: str = DEVICE,
@@ -293,7 +293,7 @@ def unlearn_cmd(
     seed: int = SEED,
     precision: str = PRECISION,
     heldout_per_cell: int = HELDOUT,
-    kind: str = typer.Option(None, "--projection", help="soft or hard (default per mode)."),
+    kind: str = typer.Option(None, "--projection", help="soft, hard or margin (default per mode)."),
     source: str = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode)."),
 ) -> None:
     """Run the Prefect pipeline: fetch, unlearn, validate, and register the model in MLflow if it passes."""

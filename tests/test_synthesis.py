@@ -50,3 +50,50 @@ def test_prototype_images_encode_like_their_embeddings(toy, text_bank):
     images = LabelledImages.from_arrays(p.images, p.cells, toy.preprocess)
     again = torch.nn.functional.normalize(image_features(toy.model, images.pixels), dim=-1)
     assert float((again * p.embeddings).sum(-1).min()) > 0.9
+
+
+def test_precision_follows_the_hardware(monkeypatch):
+    """auto runs bf16 only where it is native; an explicit choice is kept; the bank keys the resolved one."""
+    import clipforget.synthesis as S
+    from clipforget.bank import settings_key
+
+    monkeypatch.setattr(S, "cpu_has_native_bf16", lambda: False)
+    assert S.resolve_precision("auto", "cpu") == "fp32"
+    assert settings_key(SynthesisConfig(precision="auto"))["precision"] == "fp32"
+    monkeypatch.setattr(S, "cpu_has_native_bf16", lambda: True)
+    assert S.resolve_precision("auto", "cpu") == "bf16"
+    assert S.resolve_precision("fp32", "cpu") == "fp32"
+    assert settings_key(SynthesisConfig(precision="auto")) != settings_key(SynthesisConfig(precision="fp32"))
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        SynthesisConfig(precision="fp8")
+
+
+def test_progress_starts_at_once_and_ends_done(toy, text_bank):
+    seen = []
+    cfg = SynthesisConfig(prototypes_per_cell=2, steps=20, target_cosine=0.3, check_every=5, seed=1, precision="fp32")
+    synthesize(toy.model, text_targets(text_bank, CELLS), CELLS, cfg, progress=seen.append)
+    assert seen[0]["done"] == 0 and seen[0]["step"] == 0  # a first line before any step
+    assert seen[-1]["done"] == seen[-1]["total"] == 6
+    from clipforget.synthesis import format_progress
+
+    line = format_progress(seen[-1])
+    assert "6/6 done" in line and "mean cosine" in line and "ETA" in line
+
+
+def test_cells_are_banked_as_they_finish_and_reused(toy, text_bank, tmp_path):
+    """A second request synthesizes nothing the bank holds; each finished cell is its own whole file."""
+    from clipforget.bank import PrototypeBank, synthesize_with_bank
+
+    bank = PrototypeBank(tmp_path)
+    cfg = SynthesisConfig(prototypes_per_cell=2, steps=10, seed=2, precision="fp32", batch_size=2)
+    targets = dict(zip(CELLS, text_targets(text_bank, CELLS), strict=True))
+    banked: list[int] = []
+    original = bank.put
+    bank.put = lambda sha, p, images=False: banked.append(len(set(p.cells))) or original(sha, p, images)
+    paths, first = synthesize_with_bank(toy.model, targets, CELLS, cfg, "0" * 64, bank)
+    assert sorted(first.synthesized) == sorted(map(str, CELLS)) and len(banked) >= 2  # banked in groups, not at the end
+    _, again = synthesize_with_bank(toy.model, targets, CELLS[:2], cfg, "0" * 64, bank)
+    assert again.synthesized == [] and len(again.hits) == 2
+    assert all(p.is_file() for p in paths) and not list(tmp_path.rglob("*.tmp*"))
