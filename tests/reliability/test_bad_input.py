@@ -237,7 +237,7 @@ CASES = [
          policy(arch="ViT-Z-99", grid="toy", checkpoint_uri=str(TOY_WEIGHTS)), flow=True),
     Case("policy: other architecture without a checkpoint", "arch 'ViT-B-32' needs checkpoint_uri", req(),
          policy(arch="ViT-B-32")),
-    Case("policy: unknown projection", "projection: Input should be 'soft' or 'hard'", req(),
+    Case("policy: unknown projection", "projection: Input should be 'soft', 'hard'", req(),
          policy(projection="diagonal")),
     Case("policy: unknown field", "retries: Extra inputs are not permitted", req(), policy(retries=3)),
     Case("policy: grid file repeating a name", "repeats the class name(s) 'star'", req(), policy(grid="{ws}/grid.json"),
