@@ -235,7 +235,8 @@ def agreement_table(rows: list[dict]) -> dict:
 
 
 def markdown(out: dict) -> str:
-    lines = ["# Request benchmark: is the gate's verdict right?", "", "Regenerate with `python bench/requests.py --json runs/requests.json --markdown docs/REQUESTS.md` (with "
+    lines = ["# Request benchmark: is the gate's verdict right?", "",
+             "Regenerate with `python bench/requests.py --json runs/requests.json --markdown docs/REQUESTS.md` (with "
              "the prototype bank filled, about 4 minutes on 2 CPU cores). Settings were chosen on validation renders "
              "(seeds 1 and 5: `--render-seed 1`); this table is a render no choice was made on.", "",
              f"Render seed {out['render_seed']} ({out['per_cell']} images per cell), held-out prototypes "

@@ -16,6 +16,8 @@ seconds on a CPU. The result is folded like any projection (W' = W Pᵀ).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -67,6 +69,9 @@ def margin_projection(
     P0 = (torch.eye(d, dtype=torch.float64) if start is None else start.double()).clone()
     P = P0.clone().requires_grad_()
     opt = torch.optim.Adam([P], lr=lr)
+    # the step size decays to zero (cosine): the fit settles instead of oscillating between hinge faces, so
+    # prototypes that differ in rounding give nearly the same P
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     for _ in range(steps):
         hf, hr = f @ P.T, r @ P.T
         forget_loss = F.relu(margin + _margins(hf, t, fl)).mean()
@@ -75,6 +80,7 @@ def margin_projection(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
     with torch.no_grad():
         P_final = P.detach()
         fm, rm = _margins(f @ P_final.T, t, fl), _margins(r @ P_final.T, t, rl)

@@ -21,7 +21,8 @@ def report(acc: dict[Cell, float], default: float = 1.0) -> EvalReport:
 
 def test_each_mode_of_a_cumulative_set_is_judged_on_its_own_cells():
     before = report({})
-    forgotten = {c: 0.05 for c in STAR.cells} | {Cell("house", "sketch"): 0.1}
+    # 1 of 50 images still recognized: the 95% upper bound (0.091) is under the 0.15 limit
+    forgotten = {c: 0.02 for c in STAR.cells} | {Cell("house", "sketch"): 0.02}
     after = report(forgotten)
     checks = gate_checks([STAR, HOUSE_SKETCH], before, after, Thresholds())
     assert [c.name for c in checks][:1] == ["[global] max forget-cell accuracy"]

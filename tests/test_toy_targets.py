@@ -26,7 +26,8 @@ def test_toy_model_accuracy_in_every_domain(base_report, toy_grid):
 def _unlearn_and_check(toy, toy_grid, text_bank, prototype_bank, test_images, classifier, base_report,
                        mode, classes, domains):
     forget = forget_cells(toy_grid, mode, classes, domains)
-    proj = fit_projection(forget, retain_cells(toy_grid, forget), text_bank, prototype_bank, default_config(mode))
+    proj = fit_projection(forget, retain_cells(toy_grid, forget), text_bank, prototype_bank, default_config(mode),
+                          (classifier.classes, classifier.weights))
     model = copy.deepcopy(toy.model)
     fold_projection(model, proj.P)
     after = classifier.evaluate(image_features(model, test_images.pixels), test_images.cells)

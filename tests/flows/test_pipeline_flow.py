@@ -58,7 +58,8 @@ def test_first_request_is_approved_and_registered(first, pipeline):
     assert info["base_sha256"] == pipeline["s3"]["sha256"]
     assert info["sha256"] == rep["output"]["sha256"]
     assert info["metrics"]["forget_after"] == pytest.approx(rep["metrics"]["forget_after"], abs=1e-5)
-    assert any("synthesis: images" in line and "mean cosine" in line for line in first["logs"])
+    assert any("synthesis (" in line and "done" in line and "mean cosine" in line and "ETA" in line
+               for line in first["logs"])
     summary = Artifact.get("forget-star-1-summary")
     assert summary is not None and "APPROVED" in summary.data and "max forget-cell accuracy" in summary.data
     assert Artifact.get("forget-star-1-cells") is not None
@@ -140,7 +141,8 @@ def test_unmeetable_threshold_registers_nothing_and_reuses_the_prototype_bank(fi
     assert "REJECTED" in summary and f"{failed[-1]['value']:.4f}" in summary
     assert [v["version"] for v in registry.show(NAME)["versions"]] == ["1"]
     # same cells, same checkpoint and settings: every prototype comes from the bank
-    assert rep["prototypes"] == {"reused": 40, "synthesized": 0, "seconds": rep["prototypes"]["seconds"]}
+    assert {k: rep["prototypes"][k] for k in ("reused", "synthesized")} == {"reused": 40, "synthesized": 0}
+    assert rep["prototypes"]["precision"] in ("fp32", "bf16")  # what ran here, never "auto"
     assert any("prototype bank: 40 of 40 cells reused, 0 to synthesize" in line for line in second["logs"])
     # measurably faster: reusing all 40 banked cells costs less than the first run paid to synthesize one of its 4
     # (measured on a clean CI run: 1.8 s against 15.9 s; the rest of the 1.8 s is Prefect's task overhead)
