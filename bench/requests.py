@@ -32,7 +32,7 @@ from clipforget.bank import PrototypeBank, load_prototypes, synthesize_with_bank
 from clipforget.criteria import FORGET_CELL_LIMIT
 from clipforget.evaluate import LabelledImages, ZeroShotClassifier, image_features
 from clipforget.forget import heldout_config
-from clipforget.grid import Cell, forget_cells, resolve_grid, retain_cells
+from clipforget.grid import forget_cells, resolve_grid, retain_cells
 from clipforget.method import cell_text_embeddings, default_config, fit_projection, text_targets
 from clipforget.models import load_model
 from clipforget.probe import residual_probe
@@ -274,5 +274,3 @@ def markdown(out: dict) -> str:
 if __name__ == "__main__":
     main()
 
-
-__all__ = ["request_set", "truth_pass", "Cell"]

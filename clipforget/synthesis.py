@@ -138,12 +138,6 @@ class Prototypes:
             "precision": self.config.precision,
         }
 
-    def select(self, rows: Sequence[int]) -> Prototypes:
-        idx = list(rows)
-        return Prototypes(self.embeddings[idx], [self.cells[i] for i in idx], self.cosines[idx], self.steps_used[idx],
-                          self.seconds * len(idx) / max(1, len(self.cells)), self.config,
-                          None if self.images is None else self.images[idx])
-
 
 def cell_seed(seed: int, cell: Cell, index: int) -> int:
     """A stable 63-bit seed for one prototype image (independent of Python's hash randomization)."""

@@ -191,7 +191,7 @@ def synthesize(arch: str, checkpoint: str, sha256: str, text_file: str, cells: l
                     "(%d prototypes/cell, %d steps, seed %d; precision %s: %s)", len(set(wanted)) - len(missing),
                     len(set(wanted)), len(missing), len(chunks), per_task,
                     f" on Ray, {gpus:g} GPU/task" if on_ray else " in-process", config.prototypes_per_cell,
-                    config.steps, config.seed, _precision(config)["precision"], _precision(config)["hardware"])
+                    config.steps, config.seed, *_precision(config).values())
 
         def args(chunk: list) -> dict:
             return {"arch": arch, "checkpoint": checkpoint, "sha256": sha256, "cells": cell_names(chunk),
