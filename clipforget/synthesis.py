@@ -41,7 +41,14 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), read from the kernel's CPU flags."""
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), read from the kernel's CPU flags.
+
+    torch must also be dispatching at that level: under `ATEN_CPU_CAPABILITY=avx2` (or a build without
+    AVX512 kernels) the bf16 flags are there but torch's kernels do not use them.
+    """
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    if not capability.startswith(("AVX512", "AMX")):
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
