@@ -19,16 +19,16 @@ import time
 import torch
 from results import render_features  # bench/results.py, beside this script
 
-from clipforget.atomic import write_json
-from clipforget.bank import PrototypeBank, load_prototypes, synthesize_with_bank
-from clipforget.evaluate import ZeroShotClassifier
-from clipforget.grid import forget_cells, resolve_grid, retain_cells
-from clipforget.method import cell_text_embeddings, default_config, fit_projection, text_targets
-from clipforget.models import load_model
-from clipforget.nullspace import Projection
-from clipforget.prompts import TemplateSet
-from clipforget.request import ForgetGroup, Thresholds, cumulative_mode, gate_checks
-from clipforget.synthesis import SynthesisConfig
+from clipforget.governance.request import ForgetGroup, Thresholds, cumulative_mode, gate_checks
+from clipforget.io.atomic import write_json
+from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
+from clipforget.io.checkpoints import load_model
+from clipforget.method.evaluate import ZeroShotClassifier
+from clipforget.method.grid import forget_cells, resolve_grid, retain_cells
+from clipforget.method.nullspace import Projection
+from clipforget.method.projection import cell_text_embeddings, default_config, fit_projection, text_targets
+from clipforget.method.prompts import TemplateSet
+from clipforget.method.synthesis import SynthesisConfig
 
 LEDGERS = {  # name: requests in ledger order (mode, classes, domains)
     "house/sketch, house/cartoon": [("domain", ["house"], ["sketch"]), ("domain", ["house"], ["cartoon"])],

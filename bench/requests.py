@@ -6,7 +6,7 @@
 A fixed random set of requests (global 1-3 classes, domain 1-3 cells, domain_complete 1 domain) is run
 through the method data-free, as the pipeline does: projection prototypes and held-out prototypes from
 the prototype bank, the projection of the mode's default setting, and the gate's checks on the held-out
-prototypes (clipforget.criteria: 95% upper bounds for forget cells, paired flips for retain cells). Then
+prototypes (clipforget.gate.criteria: 95% upper bounds for forget cells, paired flips for retain cells). Then
 each candidate is measured on rendered images it never saw (50 per cell) against the same targets on
 point estimates: the truth. A false approval is a candidate the gate approved that misses a target on
 the images. Projections are applied to the base model's image features, which equals running the folded
@@ -27,19 +27,19 @@ from dataclasses import replace
 
 import torch
 
-from clipforget.atomic import write_json, write_text
-from clipforget.bank import PrototypeBank, load_prototypes, synthesize_with_bank
-from clipforget.criteria import FORGET_CELL_LIMIT
-from clipforget.evaluate import LabelledImages, ZeroShotClassifier, image_features
 from clipforget.forget import heldout_config
-from clipforget.grid import forget_cells, resolve_grid, retain_cells
-from clipforget.method import cell_text_embeddings, default_config, fit_projection, text_targets
-from clipforget.models import load_model
-from clipforget.probe import residual_probe
-from clipforget.prompts import TemplateSet
-from clipforget.request import ForgetGroup, Thresholds, cumulative_mode, gate_checks
-from clipforget.storage import cache_root
-from clipforget.synthesis import SynthesisConfig, hardware_summary
+from clipforget.gate.criteria import FORGET_CELL_LIMIT
+from clipforget.gate.probe import residual_probe
+from clipforget.governance.request import ForgetGroup, Thresholds, cumulative_mode, gate_checks
+from clipforget.io.atomic import write_json, write_text
+from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
+from clipforget.io.checkpoints import load_model
+from clipforget.io.storage import cache_root
+from clipforget.method.evaluate import LabelledImages, ZeroShotClassifier, image_features
+from clipforget.method.grid import forget_cells, resolve_grid, retain_cells
+from clipforget.method.projection import cell_text_embeddings, default_config, fit_projection, text_targets
+from clipforget.method.prompts import TemplateSet
+from clipforget.method.synthesis import SynthesisConfig, hardware_summary
 from clipforget.toyworld.render import render_cells
 
 REPORT_SEED = 7  # the render the published tables come from; settings were chosen on seeds 1 and 5
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
 
-    from clipforget.request import SynthesisSettings
+    from clipforget.governance.request import SynthesisSettings
 
     t0 = time.perf_counter()
     torch.manual_seed(0)

@@ -20,16 +20,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipforget.atomic import write_json, write_text
-from clipforget.bank import PrototypeBank, load_prototypes, synthesize_with_bank
-from clipforget.criteria import mode_checks
-from clipforget.evaluate import LabelledImages, ZeroShotClassifier, image_features
 from clipforget.forget import Outcome
-from clipforget.grid import forget_cells, resolve_grid, retain_cells
-from clipforget.method import MODE_DEFAULTS, SOURCES, NullspaceConfig, cell_text_embeddings, fit_projection, text_targets
-from clipforget.models import load_model
-from clipforget.prompts import TemplateSet
-from clipforget.synthesis import SynthesisConfig
+from clipforget.gate.criteria import mode_checks
+from clipforget.io.atomic import write_json, write_text
+from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
+from clipforget.io.checkpoints import load_model
+from clipforget.method.evaluate import LabelledImages, ZeroShotClassifier, image_features
+from clipforget.method.grid import forget_cells, resolve_grid, retain_cells
+from clipforget.method.projection import (
+    MODE_DEFAULTS,
+    SOURCES,
+    NullspaceConfig,
+    cell_text_embeddings,
+    fit_projection,
+    text_targets,
+)
+from clipforget.method.prompts import TemplateSet
+from clipforget.method.synthesis import SynthesisConfig
 from clipforget.toyworld.render import render_cells
 
 SCENARIOS = [  # (label, mode, classes, domains)

@@ -7,7 +7,7 @@ Every figure is printed next to the CPU capability (`torch.backends.cpu.get_cpu_
 the CPU has native bf16: a speed holds for the machine it was measured on. Run it alone: another torch
 process on the same cores slows both far more than twice.
 
-- speed: image-steps/s of the synthesis loop itself (`clipforget.synthesis.synthesize` with an unreachable
+- speed: image-steps/s of the synthesis loop itself (`clipforget.method.synthesis.synthesize` with an unreachable
   target, so every image runs every step), and its model FLOP rate (forward + backward w.r.t. the input,
   counted with `torch.utils.flop_counter.FlopCounterMode`) divided by the same run's fp32 2048² matmul rate;
   for the toy model and ViT-B-32 at 224 px (random weights), in fp32 and bf16;
@@ -35,13 +35,14 @@ from pathlib import Path
 
 import torch
 
-from clipforget.atomic import write_json, write_text
-from clipforget.grid import resolve_grid
-from clipforget.method import cell_text_embeddings, text_targets
-from clipforget.models import image_normalizer, image_size, load_model
-from clipforget.prompts import TemplateSet
-from clipforget.request import SynthesisSettings
-from clipforget.synthesis import SynthesisConfig, hardware_summary, synthesize
+from clipforget.governance.request import SynthesisSettings
+from clipforget.io.atomic import write_json, write_text
+from clipforget.io.checkpoints import load_model
+from clipforget.method.grid import resolve_grid
+from clipforget.method.preprocess import image_normalizer, image_size
+from clipforget.method.projection import cell_text_embeddings, text_targets
+from clipforget.method.prompts import TemplateSet
+from clipforget.method.synthesis import SynthesisConfig, hardware_summary, synthesize
 
 
 def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5) -> float:

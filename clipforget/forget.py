@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from clipforget.bank import PrototypeBank, load_prototypes, synthesize_with_bank
-from clipforget.evaluate import EvalReport, LabelledImages, ZeroShotClassifier, image_features
-from clipforget.fold import fold_projection
-from clipforget.grid import Cell, Grid, forget_cells, retain_cells
-from clipforget.method import NullspaceConfig, cell_text_embeddings, fit_projection, text_targets
-from clipforget.models import LoadedModel, save_checkpoint
-from clipforget.nullspace import Projection
-from clipforget.prompts import TemplateSet
-from clipforget.synthesis import Prototypes, SynthesisConfig, synthesize
+from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
+from clipforget.io.checkpoints import LoadedModel, save_checkpoint
+from clipforget.method.evaluate import EvalReport, LabelledImages, ZeroShotClassifier, image_features
+from clipforget.method.fold import fold_projection
+from clipforget.method.grid import Cell, Grid, forget_cells, retain_cells
+from clipforget.method.nullspace import Projection
+from clipforget.method.projection import NullspaceConfig, cell_text_embeddings, fit_projection, text_targets
+from clipforget.method.prompts import TemplateSet
+from clipforget.method.synthesis import Prototypes, SynthesisConfig, synthesize
 
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out prototypes never share a seed with the forget set's
 

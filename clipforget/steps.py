@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from clipforget.evaluate import EvalReport, LabelledImages, ZeroShotClassifier, image_features
-from clipforget.fold import fold_projection
-from clipforget.grid import Cell, Grid
-from clipforget.method import NullspaceConfig, cell_text_embeddings, fit_projection
-from clipforget.models import LoadedModel, save_checkpoint
-from clipforget.nullspace import Projection
-from clipforget.prompts import TemplateSet
-from clipforget.synthesis import Prototypes
+from clipforget.io.checkpoints import LoadedModel, save_checkpoint
+from clipforget.method.evaluate import EvalReport, LabelledImages, ZeroShotClassifier, image_features
+from clipforget.method.fold import fold_projection
+from clipforget.method.grid import Cell, Grid
+from clipforget.method.nullspace import Projection
+from clipforget.method.projection import NullspaceConfig, cell_text_embeddings, fit_projection
+from clipforget.method.prompts import TemplateSet
+from clipforget.method.synthesis import Prototypes
 
 
 def digest(*parts: object) -> str:
@@ -57,7 +57,7 @@ def save_text(text: dict[Cell, torch.Tensor], path: Path,
               classifier: tuple[Sequence[str], torch.Tensor] | None = None) -> Path:
     from safetensors.torch import save_file
 
-    from clipforget.atomic import atomic_path
+    from clipforget.io.atomic import atomic_path
 
     tensors = {str(c): t.contiguous() for c, t in text.items()}
     meta = {}
@@ -88,7 +88,7 @@ def load_classifier(path: str | Path) -> tuple[list[str], torch.Tensor] | None:
 
 def write_text_embeddings(loaded: LoadedModel, cells: Sequence[Cell], templates: TemplateSet, path: Path) -> Path:
     """The cells' prompt embeddings and the zero-shot classifier of their classes over their domains."""
-    from clipforget.prompts import class_text_embeddings
+    from clipforget.method.prompts import class_text_embeddings
 
     classes = list(dict.fromkeys(c.cls for c in cells))
     domains = list(dict.fromkeys(c.domain for c in cells))
@@ -102,7 +102,7 @@ def save_projection(projection: Projection, path: Path, forget: Sequence[Cell], 
                     config: NullspaceConfig) -> Path:
     from safetensors.torch import save_file
 
-    from clipforget.atomic import atomic_path
+    from clipforget.io.atomic import atomic_path
 
     meta = {"summary": json.dumps(projection.summary(), default=str), "config": json.dumps(config.to_dict()),
             "forget_cells": json.dumps(cell_names(forget)), "retain_cells": json.dumps(cell_names(retain))}

@@ -45,21 +45,21 @@ def _fail(e: BaseException) -> None:
 
 
 def _synthesis(model: str, k: int, steps: int, target: float | None, seed: int, precision: str = "auto") -> Any:
-    from clipforget.request import SynthesisSettings
+    from clipforget.governance.request import SynthesisSettings
 
     return SynthesisSettings(prototypes_per_cell=k, steps=steps, target_cosine=target, seed=seed,
                              precision=precision).config(model)
 
 
 def _load(model: str, checkpoint: Path | None, pretrained: str | None, device: str | None) -> Any:
-    from clipforget.models import load_model
+    from clipforget.io.checkpoints import load_model
 
     return load_model(model, checkpoint, pretrained, device)
 
 
 def _grid(spec: str | None, model: str, data: Path | None) -> Any:
-    from clipforget.data import grid_of_folder
-    from clipforget.grid import resolve_grid
+    from clipforget.method.data import grid_of_folder
+    from clipforget.method.grid import resolve_grid
 
     if spec is not None:
         return resolve_grid(spec)
@@ -71,7 +71,7 @@ def _grid(spec: str | None, model: str, data: Path | None) -> Any:
 
 
 def _templates(path: Path | None) -> Any:
-    from clipforget.prompts import TemplateSet
+    from clipforget.method.prompts import TemplateSet
 
     return TemplateSet.from_file(path) if path is not None else TemplateSet()
 
@@ -80,7 +80,7 @@ def _progress(every_s: float = 2.0):
     """Synthesis progress on stderr: one bar redrawn in place on a terminal, else a line every few seconds."""
     import time
 
-    from clipforget.synthesis import format_progress
+    from clipforget.method.synthesis import format_progress
 
     tty = sys.stderr.isatty()
     last = [float("-inf")]
@@ -99,14 +99,14 @@ def _progress(every_s: float = 2.0):
 
 def _bank() -> Any:
     """The prototype bank every command shares (CLIPFORGET_CACHE/prototypes, as the pipeline's)."""
-    from clipforget.bank import PrototypeBank
-    from clipforget.storage import cache_root
+    from clipforget.io.bank import PrototypeBank
+    from clipforget.io.storage import cache_root
 
     return PrototypeBank(cache_root() / "prototypes")
 
 
 def _user_errors():
-    from clipforget.models import ModelLoadError
+    from clipforget.io.checkpoints import ModelLoadError
 
     return (UserError, ModelLoadError, ValueError, FileNotFoundError)
 
@@ -118,8 +118,8 @@ def toy_render(
     seed: int = typer.Option(..., "--seed", help="Render seed; the toy model was trained on seed 0."),
 ) -> None:
     """Render labelled toy-world images in the PACS/DomainNet folder layout."""
-    from clipforget.data import write_image
-    from clipforget.grid import Cell
+    from clipforget.method.data import write_image
+    from clipforget.method.grid import Cell
     from clipforget.toyworld.render import CLASSES, DOMAINS, render_image
 
     if per_cell < 1:
@@ -168,9 +168,9 @@ def eval_cmd(
                                   "(MLflow pyfunc; needs --data)."),
 ) -> None:
     """Zero-shot accuracy per (class, domain) cell."""
-    from clipforget.atomic import write_json
-    from clipforget.evaluate import LabelledImages, ZeroShotClassifier, image_features
     from clipforget.forget import heldout_images
+    from clipforget.io.atomic import write_json
+    from clipforget.method.evaluate import LabelledImages, ZeroShotClassifier, image_features
 
     if model_uri is not None:
         return _eval_registered(model_uri, data, json_out)
@@ -219,10 +219,10 @@ def forget_cmd(
     device: str = DEVICE,
 ) -> None:
     """Run the core method without orchestration: write the unlearned checkpoint and a report."""
-    from clipforget.atomic import write_json
     from clipforget.forget import run_forget
-    from clipforget.grid import forget_cells, parse_names
-    from clipforget.method import default_config
+    from clipforget.io.atomic import write_json
+    from clipforget.method.grid import forget_cells, parse_names
+    from clipforget.method.projection import default_config
 
     cls_list, dom_list = parse_names(classes), parse_names(domains)
     try:
@@ -246,9 +246,9 @@ def forget_cmd(
 
 
 def _eval_registered(model_uri: str, data: Path | None, json_out: Path) -> None:
-    from clipforget import registry
-    from clipforget.atomic import write_json
-    from clipforget.evaluate import score_cells
+    from clipforget.io import registry
+    from clipforget.io.atomic import write_json
+    from clipforget.method.evaluate import score_cells
 
     try:
         if data is None:
@@ -299,8 +299,8 @@ def unlearn_cmd(
     """Run the Prefect pipeline: fetch, unlearn, validate, and register the model in MLflow if it passes."""
     import pydantic
 
-    from clipforget.grid import forget_cells, parse_names
-    from clipforget.request import SynthesisSettings, Thresholds, UnlearnRequest
+    from clipforget.governance.request import SynthesisSettings, Thresholds, UnlearnRequest
+    from clipforget.method.grid import forget_cells, parse_names
 
     cls_list, dom_list = parse_names(classes), parse_names(domains)
     try:
@@ -322,7 +322,7 @@ def unlearn_cmd(
             g = _grid(grid, model, None)
             forget_cells(g, mode, cls_list, dom_list)
             if data is not None and "://" not in data:  # a local folder: checked now (an S3 prefix in the flow)
-                from clipforget.data import check_labelled_folder
+                from clipforget.method.data import check_labelled_folder
 
                 check_labelled_folder(data, g)
     except pydantic.ValidationError as e:
@@ -372,7 +372,7 @@ def _load_model_json(cls: Any, path: Path | None, what: str) -> Any:
 
     if path is None:
         return cls()
-    from clipforget.request import read_json_file
+    from clipforget.governance.request import read_json_file
 
     try:
         return cls.model_validate_json(read_json_file(path, what))
@@ -417,7 +417,7 @@ def request_submit(
     """Validate a deletion request, append it to the ledger and build + register the cumulative model."""
     import pydantic
 
-    from clipforget.request import DeletionRequest, ModelPolicy, read_json_file
+    from clipforget.governance.request import DeletionRequest, ModelPolicy, read_json_file
     from tasks.ledger import ledger_location
 
     try:
@@ -450,7 +450,7 @@ def request_submit(
         typer.echo(f"submitted {request.request_id} to deployment {deployment}: flow run {run.id} ({run.name})")
         return
     if no_build:
-        from clipforget.ledger import Ledger, LedgerError
+        from clipforget.governance.ledger import Ledger, LedgerError
 
         try:
             entry, appended = Ledger(location).append(request.request_id, request.ledger_record())
@@ -481,7 +481,7 @@ def request_submit(
 
 
 def _ledger_entries(ledger: str | None) -> tuple[str, list]:
-    from clipforget.ledger import Ledger, LedgerError
+    from clipforget.governance.ledger import Ledger, LedgerError
     from tasks.ledger import ledger_location
 
     location = ledger_location(ledger)
@@ -495,7 +495,7 @@ def _ledger_entries(ledger: str | None) -> tuple[str, list]:
 @request_app.command("list")
 def request_list(ledger: str = LEDGER, json_out: Path = typer.Option(None, "--json")) -> None:
     """Every request in the ledger, oldest first (the hash chain is verified first)."""
-    from clipforget.atomic import write_json
+    from clipforget.io.atomic import write_json
 
     location, entries = _ledger_entries(ledger)
     if json_out:
@@ -515,8 +515,8 @@ def request_list(ledger: str = LEDGER, json_out: Path = typer.Option(None, "--js
 @request_app.command("show")
 def request_show(request_id: str = typer.Argument(...), ledger: str = LEDGER, policy_file: Path = POLICY) -> None:
     """One ledger entry as JSON, and the registered versions that cover it."""
-    from clipforget import registry
-    from clipforget.request import ModelPolicy
+    from clipforget.governance.request import ModelPolicy
+    from clipforget.io import registry
 
     _, entries = _ledger_entries(ledger)
     entry = next((e for e in entries if e.request_id == request_id), None)
@@ -541,7 +541,7 @@ def govern_cmd(
     json_out: Path = typer.Option(None, "--json", help="Where to write the report (default runs/governance.json)."),
 ) -> None:
     """Run governance once: build pending ledger requests in one batch, audit the champion, write the report."""
-    from clipforget.request import ModelPolicy
+    from clipforget.governance.request import ModelPolicy
 
     policy = _load_model_json(ModelPolicy, policy_file, "policy")
     _offline_prefect()
@@ -565,12 +565,12 @@ def rebuild_cmd(
     ledger: str = LEDGER,
 ) -> None:
     """Rebuild the model of a ledger head from the base checkpoint and compare it with the registered version."""
-    from clipforget import registry
-    from clipforget.request import ModelPolicy
+    from clipforget.governance.request import ModelPolicy
+    from clipforget.io import registry
 
     policy = _load_model_json(ModelPolicy, policy_file, "policy")
     _offline_prefect()
-    from clipforget.ledger import Ledger, LedgerError
+    from clipforget.governance.ledger import Ledger, LedgerError
     from flows.deletion_request import rebuild
     from tasks.ledger import ledger_location
 

@@ -29,8 +29,8 @@ def _mlflow_message(e: BaseException) -> str:
 @models_app.command("list")
 def models_list(json_out: Path = typer.Option(None, "--json", help="Also write the listing as JSON.")) -> None:
     """Registered models with their latest version and aliases."""
-    from clipforget import registry
-    from clipforget.atomic import write_json
+    from clipforget.io import registry
+    from clipforget.io.atomic import write_json
 
     rows = registry.list_models()
     if json_out:
@@ -49,8 +49,8 @@ def models_show(
     card: bool = typer.Option(False, "--card", help="Print the version's model card (its MLflow description)."),
 ) -> None:
     """Versions, aliases and tags (request id, mode, forgotten cells, base sha256, metrics)."""
-    from clipforget import registry
-    from clipforget.atomic import write_json
+    from clipforget.io import registry
+    from clipforget.io.atomic import write_json
 
     try:
         info = registry.show(ref)
@@ -71,7 +71,7 @@ def models_show(
 
 def _ledger(ledger: str | None) -> tuple[list[str], str | None]:
     """The ledger's request ids (oldest first) and head hash; the chain is verified."""
-    from clipforget.ledger import Ledger, LedgerError
+    from clipforget.governance.ledger import Ledger, LedgerError
     from tasks.ledger import ledger_location
 
     location = ledger_location(ledger)
@@ -91,7 +91,7 @@ def models_promote(
     ledger: str = LEDGER,
 ) -> None:
     """Move `champion` to VERSION; refused unless it was built for every request of the ledger (its current head)."""
-    from clipforget import registry
+    from clipforget.io import registry
 
     ids, head = _ledger(ledger)
     try:
@@ -110,7 +110,7 @@ def models_rollback(
     ledger: str = LEDGER,
 ) -> None:
     """Move `champion` back to the newest older version that covers the whole ledger and was never rolled back."""
-    from clipforget import registry
+    from clipforget.io import registry
 
     ids, head = _ledger(ledger)
     try:
@@ -130,8 +130,8 @@ def export_cmd(
     that loads with `open_clip.create_model_and_transforms("local-dir:OUT")`, without clipforget or MLflow."""
     import tempfile
 
-    from clipforget import registry
-    from clipforget.export import write_open_clip_folder
+    from clipforget.io import registry
+    from clipforget.io.export import write_open_clip_folder
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         _fail(f"{out} exists and is not an empty folder")

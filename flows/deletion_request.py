@@ -15,12 +15,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.states import Failed
 
-from clipforget import registry
-from clipforget.atomic import write_json
-from clipforget.data import list_labelled_images
-from clipforget.ledger import Entry, Ledger
-from clipforget.models import check_arch
-from clipforget.request import DeletionRequest, ModelPolicy
+from clipforget.governance.ledger import Entry, Ledger
+from clipforget.governance.request import DeletionRequest, ModelPolicy
+from clipforget.io import registry
+from clipforget.io.atomic import write_json
+from clipforget.io.checkpoints import check_arch
+from clipforget.method.data import list_labelled_images
 from flows.pipeline import Build, Inputs, fetch_inputs, groups_of, run_pipeline
 from tasks.ledger import append_request, entry_of, ledger_location, read_ledger
 from tasks.register import find_registered, promote_model

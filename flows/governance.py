@@ -14,11 +14,11 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.states import Failed
 
-from clipforget import registry
-from clipforget.atomic import write_json
-from clipforget.compliance import Finding
-from clipforget.ledger import GENESIS, Entry, LedgerError
-from clipforget.request import ModelPolicy
+from clipforget.governance.compliance import Finding
+from clipforget.governance.ledger import GENESIS, Entry, LedgerError
+from clipforget.governance.request import ModelPolicy
+from clipforget.io import registry
+from clipforget.io.atomic import write_json
 from clipforget.steps import cell_names
 from flows.deletion_request import build_at_head, version_id
 from flows.pipeline import fetch_inputs, groups_of, heldout_images

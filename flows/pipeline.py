@@ -14,11 +14,11 @@ from pathlib import Path
 
 from prefect import get_run_logger
 
-from clipforget.atomic import write_json
 from clipforget.forget import heldout_config
-from clipforget.grid import Grid, forget_cells, resolve_grid, retain_cells
-from clipforget.method import default_config
-from clipforget.request import ForgetGroup, ModelPolicy, cumulative_mode
+from clipforget.governance.request import ForgetGroup, ModelPolicy, cumulative_mode
+from clipforget.io.atomic import write_json
+from clipforget.method.grid import Grid, forget_cells, resolve_grid, retain_cells
+from clipforget.method.projection import default_config
 from clipforget.steps import cell_names
 from tasks.common import work_root
 from tasks.fetch import fetch_checkpoint, fetch_eval_data
@@ -29,7 +29,7 @@ from tasks.validate import validate
 
 
 def policy_grid(policy: ModelPolicy, data_path: str | None) -> Grid:
-    from clipforget.data import grid_of_folder
+    from clipforget.method.data import grid_of_folder
 
     if policy.grid is not None:
         return resolve_grid(policy.grid)
@@ -215,7 +215,7 @@ def heldout_images(policy: ModelPolicy, base: dict, grid: Grid, text: str | None
 def _example(data_path: str | None, heldout: dict | None) -> str:
     """One evaluation image (a file, or a held-out prototype bank file) for the model's input example."""
     if data_path is not None:
-        from clipforget.data import list_labelled_images
+        from clipforget.method.data import list_labelled_images
 
         return str(list_labelled_images(data_path)[0][0])
     assert heldout is not None

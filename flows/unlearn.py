@@ -12,9 +12,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.states import Failed
 
-from clipforget import registry
-from clipforget.atomic import write_json
-from clipforget.request import UnlearnRequest
+from clipforget.governance.request import UnlearnRequest
+from clipforget.io import registry
+from clipforget.io.atomic import write_json
 from flows.pipeline import Build, policy_grid, run_pipeline
 from tasks.register import find_registered, promote_model
 from tasks.runners import task_runner

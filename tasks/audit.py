@@ -7,9 +7,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from clipforget import compliance, registry
-from clipforget.models import sha256_file
-from clipforget.request import Thresholds
+from clipforget.governance import compliance
+from clipforget.governance.request import Thresholds
+from clipforget.io import registry
+from clipforget.io.checkpoints import sha256_file
 from tasks.common import work_root
 from tasks.validate import artifact_key, measure
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clipforget.storage import TransientError, cache_root, is_transient
+from clipforget.io.storage import TransientError, cache_root, is_transient
 
 
 def work_root() -> Path:
@@ -39,7 +39,7 @@ _LOADED: dict[tuple[str, str, str], Any] = {}
 
 def loaded_model(arch: str, checkpoint: str, sha256: str) -> Any:
     """The model of a fetched checkpoint, loaded once per process (tasks of one run share it, read-only)."""
-    from clipforget.models import load_model
+    from clipforget.io.checkpoints import load_model
 
     key = (arch, checkpoint, sha256)
     if key not in _LOADED:

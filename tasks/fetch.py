@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from clipforget.storage import fetch, fetch_tree
+from clipforget.io.storage import fetch, fetch_tree
 from tasks.common import retry_if_transient
 
 
@@ -18,7 +18,7 @@ def fetch_checkpoint(uri: str | None, sha256: str | None = None) -> dict:
 
     A safetensors checkpoint's header is checked against the file at once (a truncated file or a forged header
     fails here, naming the problem), and a freshly fetched file that fails leaves nothing in the cache."""
-    from clipforget.models import TOY_WEIGHTS, ModelLoadError, check_safetensors
+    from clipforget.io.checkpoints import TOY_WEIGHTS, ModelLoadError, check_safetensors
 
     logger = get_run_logger()
     got = fetch(uri or TOY_WEIGHTS, sha256, log=logger.warning)
@@ -40,8 +40,8 @@ def fetch_eval_data(uri: str) -> str:
     checked (layout, symlinks out of the folder, not an image, corrupt, too small or too large) before any work."""
     import shutil
 
-    from clipforget.data import check_labelled_folder
-    from clipforget.storage import cache_root
+    from clipforget.io.storage import cache_root
+    from clipforget.method.data import check_labelled_folder
 
     path = fetch_tree(uri, log=get_run_logger().warning)
     try:

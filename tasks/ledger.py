@@ -6,7 +6,7 @@ import os
 
 from prefect import get_run_logger, task
 
-from clipforget.ledger import Entry, Ledger
+from clipforget.governance.ledger import Entry, Ledger
 from tasks.common import retry_if_transient
 
 DEFAULT_LEDGER = "ledger"

@@ -1,6 +1,6 @@
 """Steps 2-5 of the method as Prefect tasks: text embeddings, prototypes, projection, fold.
 
-Thin wrappers over `clipforget.steps` and `clipforget.bank`: they take and return paths, digests and
+Thin wrappers over `clipforget.steps` and `clipforget.io.bank`: they take and return paths, digests and
 small dicts, never models. One exception: `synthesize_chunk` returns its prototypes' tensors, because
 on Ray it runs on workers that need not share the caller's disk (`synthesize` banks them on the caller's
 side; `synthesize_routed` sends the work to the gpu pool's deployment instead when one is configured).
@@ -18,9 +18,11 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from clipforget.bank import PrototypeBank, load_prototypes, synthesize_with_bank
-from clipforget.method import NullspaceConfig, text_targets
-from clipforget.prompts import TemplateSet
+from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
+from clipforget.method.projection import NullspaceConfig, text_targets
+from clipforget.method.prompts import TemplateSet
+from clipforget.method.synthesis import Prototypes, SynthesisConfig, format_progress
+from clipforget.method.synthesis import synthesize as synthesize_images
 from clipforget.steps import (
     build_projection_file,
     cell_names,
@@ -32,8 +34,6 @@ from clipforget.steps import (
     text_path,
     write_text_embeddings,
 )
-from clipforget.synthesis import Prototypes, SynthesisConfig, format_progress
-from clipforget.synthesis import synthesize as synthesize_images
 from tasks import runners
 from tasks.common import file_cache_key, loaded_model, work_root
 
@@ -54,8 +54,8 @@ def generate_prompts(arch: str, checkpoint: str, sha256: str, cells: list[str]) 
 
 def _precision(config: SynthesisConfig) -> dict:
     """The precision synthesis runs at here (auto resolved) and what decided it, for the report."""
-    from clipforget.models import pick_device
-    from clipforget.synthesis import hardware_summary
+    from clipforget.io.checkpoints import pick_device
+    from clipforget.method.synthesis import hardware_summary
 
     device = pick_device()
     return {"precision": config.resolved(device).precision, "hardware": hardware_summary(device)}
@@ -107,7 +107,7 @@ def _local_checkpoint(checkpoint: str, sha256: str, checkpoint_uri: str | None =
         return checkpoint
     uri = next((u for u in (checkpoint_uri, checkpoint) if u and "://" in u), None)
     if uri is not None:
-        from clipforget.storage import fetch
+        from clipforget.io.storage import fetch
 
         return str(fetch(uri, sha256).path)
     raise FileNotFoundError(f"checkpoint {checkpoint} is not readable on {socket.gethostname()}: a synthesis worker "

@@ -22,7 +22,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 
-from clipforget import plots, registry
+from clipforget.io import plots, registry
 from clipforget.steps import parse_cells
 from tasks.common import loaded_model, work_root
 from tasks.validate import artifact_key
@@ -49,7 +49,7 @@ def _strip_images(arch: str, base: dict, text_file: str, forget: list[str], synt
             with safe_open(heldout_files[c], framework="np") as f:
                 out[c] = f.get_tensor("images")[:n]
         return out, "held-out prototypes (the data-free validation set)"
-    from clipforget.bank import PrototypeBank, synthesize_with_bank
+    from clipforget.io.bank import PrototypeBank, synthesize_with_bank
     from clipforget.steps import load_text
 
     config = replace(synthesis, prototypes_per_cell=min(n, synthesis.prototypes_per_cell))
@@ -74,7 +74,7 @@ def draw_pictures(request_id: str, arch: str, base: dict, text_file: str, grid: 
                   forget: list[str], synthesis: dict, out_dir: str, heldout: dict | None = None,
                   cells: list[str] | None = None) -> dict[str, str]:
     """The heatmap (always) and the prototype strip (when there are forgotten cells) as PNG files: {name: path}."""
-    from clipforget.synthesis import SynthesisConfig
+    from clipforget.method.synthesis import SynthesisConfig
 
     out = Path(out_dir)
     pictures = {"cells": str(plots.cell_heatmap(table, grid["classes"], grid["domains"], out / "cells.png",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from clipforget import registry
+from clipforget.io import registry
 
 
 @task(name="find_registered", retries=2, retry_delay_seconds=5)
@@ -37,8 +37,8 @@ def register_model(name: str, request_id: str, request_digest: str, requested_by
                    pictures: dict | None = None) -> dict:
     """Log the pickle-free pyfunc, register it under `name` with its model card, alias `candidate` (and
     `champion` on promotion); `pictures` ({name: PNG}) go to the run and are linked from the Prefect run."""
-    from clipforget.evaluate import ZeroShotClassifier
-    from clipforget.models import load_model
+    from clipforget.io.checkpoints import load_model
+    from clipforget.method.evaluate import ZeroShotClassifier
     from tasks.pictures import picture_artifacts
 
     logger = get_run_logger()
@@ -61,7 +61,7 @@ def register_model(name: str, request_id: str, request_digest: str, requested_by
 
 
 def _grid(grid: dict):
-    from clipforget.grid import Grid
+    from clipforget.method.grid import Grid
 
     return Grid(grid["name"], tuple(grid["classes"]), tuple(grid["domains"]))
 

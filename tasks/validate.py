@@ -8,13 +8,13 @@ from dataclasses import asdict, dataclass
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from clipforget.bank import load_prototypes
-from clipforget.evaluate import EvalReport, LabelledImages
 from clipforget.forget import Outcome, cell_table
-from clipforget.grid import Cell, Grid
-from clipforget.request import ForgetGroup, Thresholds, gate_checks
+from clipforget.governance.request import ForgetGroup, Thresholds, gate_checks
+from clipforget.io.bank import load_prototypes
+from clipforget.method.evaluate import EvalReport, LabelledImages
+from clipforget.method.grid import Cell, Grid
+from clipforget.method.synthesis import SynthesisConfig
 from clipforget.steps import checks_table, evaluate_pair, parse_cells
-from clipforget.synthesis import SynthesisConfig
 from tasks.common import loaded_model
 
 
@@ -80,7 +80,7 @@ def measure(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], 
             data_uri: str | None) -> Measured:
     """Per-cell accuracy of the base and `model` ({path}) and the gate's checks over the forget groups
     ([{mode, cells}]: one for a request, several for a cumulative ledger build)."""
-    from clipforget.models import load_model
+    from clipforget.io.checkpoints import load_model
 
     g = Grid(grid["name"], tuple(grid["classes"]), tuple(grid["domains"]))
     base_model = loaded_model(arch, base["path"], base["sha256"])

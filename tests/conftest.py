@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipforget.evaluate import LabelledImages, ZeroShotClassifier, image_features
-from clipforget.grid import resolve_grid
-from clipforget.method import cell_text_embeddings, text_targets
-from clipforget.models import load_model
-from clipforget.prompts import TemplateSet
-from clipforget.synthesis import SynthesisConfig, synthesize
+from clipforget.io.checkpoints import load_model
+from clipforget.method.evaluate import LabelledImages, ZeroShotClassifier, image_features
+from clipforget.method.grid import resolve_grid
+from clipforget.method.projection import cell_text_embeddings, text_targets
+from clipforget.method.prompts import TemplateSet
+from clipforget.method.synthesis import SynthesisConfig, synthesize
 from clipforget.toyworld.render import render_cells
 
 TEST_SEED = 3  # training used seed 0, setting choices seed 1, docs/RESULTS.md seed 2

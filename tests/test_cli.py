@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clipforget.evaluate import ZeroShotClassifier
-from clipforget.grid import resolve_grid
-from clipforget.models import load_model, sha256_file
-from clipforget.prompts import TemplateSet
+from clipforget.io.checkpoints import load_model, sha256_file
+from clipforget.method.evaluate import ZeroShotClassifier
+from clipforget.method.grid import resolve_grid
+from clipforget.method.prompts import TemplateSet
 from flows.cli import app
 
 runner = CliRunner()
@@ -141,7 +141,7 @@ def test_request_submit_refuses_bad_requests_before_the_ledger(tmp_path, request
 
 
 def test_request_list_names_a_broken_ledger(tmp_path):
-    from clipforget.ledger import Ledger
+    from clipforget.governance.ledger import Ledger
 
     ledger = Ledger(tmp_path / "ledger")
     ledger.append("dsr-1", {"mode": "global", "classes": ["star"], "domains": []})
@@ -154,7 +154,7 @@ def test_request_list_names_a_broken_ledger(tmp_path):
 
 
 def test_request_show_of_an_unknown_id_fails_clearly(tmp_path):
-    from clipforget.ledger import Ledger
+    from clipforget.governance.ledger import Ledger
 
     Ledger(tmp_path / "ledger").append("dsr-1", {"mode": "global", "classes": ["star"], "domains": []})
     before = (tmp_path / "ledger" / "00000000.json").read_bytes()

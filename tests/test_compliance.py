@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from clipforget.compliance import forget_limits, markdown, plot_cells, recognized_again
-from clipforget.evaluate import CellScore, EvalReport
-from clipforget.grid import Cell, resolve_grid
-from clipforget.request import DeletionRequest, ForgetGroup, Thresholds, cumulative_mode, gate_checks
+from clipforget.governance.compliance import forget_limits, markdown, plot_cells, recognized_again
+from clipforget.governance.request import DeletionRequest, ForgetGroup, Thresholds, cumulative_mode, gate_checks
+from clipforget.method.evaluate import CellScore, EvalReport
+from clipforget.method.grid import Cell, resolve_grid
 
 GRID = resolve_grid("toy")
 STAR = ForgetGroup("global", tuple(Cell("star", d) for d in GRID.domains))

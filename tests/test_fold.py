@@ -5,9 +5,9 @@ import open_clip
 import pytest
 import torch
 
-from clipforget.fold import final_map, fold_projection
-from clipforget.models import load_model, save_checkpoint
-from clipforget.nullspace import hard_projection
+from clipforget.io.checkpoints import load_model, save_checkpoint
+from clipforget.method.fold import final_map, fold_projection
+from clipforget.method.nullspace import hard_projection
 
 
 def _random_projection(d: int, seed: int) -> torch.Tensor:

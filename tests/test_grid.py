@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from clipforget.grid import Cell, forget_cells, resolve_grid, retain_cells
+from clipforget.method.grid import Cell, forget_cells, resolve_grid, retain_cells
 
 
 def test_presets():

@@ -5,8 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from clipforget.grid import Cell, resolve_grid
-from clipforget.ledger import GENESIS, Ledger, LedgerError, cumulative_forget_cells
+from clipforget.governance.ledger import GENESIS, Ledger, LedgerError, cumulative_forget_cells
+from clipforget.method.grid import Cell, resolve_grid
 
 STAR = {"mode": "global", "classes": ["star"], "domains": [], "requested_by": "privacy@example.com"}
 HOUSE = {"mode": "domain", "classes": ["house"], "domains": ["sketch"], "requested_by": "privacy@example.com"}
@@ -68,7 +68,7 @@ def test_concurrent_appends_keep_one_chain(tmp_path):
 
 def test_an_entry_is_never_overwritten_even_without_the_lock(tmp_path):
     """Two writers on different machines share no file lock: the exclusive create alone keeps one chain."""
-    from clipforget.ledger import FolderStore
+    from clipforget.governance.ledger import FolderStore
 
     store = FolderStore(tmp_path)
     assert store.create("00000000.json", "first") and not store.create("00000000.json", "second")

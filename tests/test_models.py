@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforget.models import ModelLoadError, load_model, save_checkpoint
+from clipforget.io.checkpoints import ModelLoadError, load_model, save_checkpoint
 
 
 def test_unknown_architecture():
@@ -55,7 +55,7 @@ def test_checkpoint_bytes_depend_on_content_only(tmp_path):
     """A rebuild must hash like the registered checkpoint: safetensors alone writes metadata in hash-map order."""
     import torch
 
-    from clipforget.models import save_checkpoint
+    from clipforget.io.checkpoints import save_checkpoint
 
     state = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2, dtype=torch.float16)}
     meta = {f"clipforget.key{i}": f"value {i} ü" for i in range(6)}

@@ -4,7 +4,7 @@ outside the retain subspace and leaves that subspace exactly in place."""
 import pytest
 import torch
 
-from clipforget.nullspace import hard_projection, soft_projection
+from clipforget.method.nullspace import hard_projection, soft_projection
 
 
 def _orthonormal(d: int, k: int, seed: int) -> torch.Tensor:

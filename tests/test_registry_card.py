@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from clipforget import plots
-from clipforget.card import MAX_CHARS, model_card
-from clipforget.registry import coverage_gap
+from clipforget.io import plots
+from clipforget.io.card import MAX_CHARS, model_card
+from clipforget.io.registry import coverage_gap
 
 
 def _report(forget: list[str], ledger: dict | None = None) -> dict:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from clipforget.evaluate import LabelledImages, image_features
-from clipforget.grid import Cell
-from clipforget.method import text_targets
-from clipforget.synthesis import SynthesisConfig, synthesize
+from clipforget.method.evaluate import LabelledImages, image_features
+from clipforget.method.grid import Cell
+from clipforget.method.projection import text_targets
+from clipforget.method.synthesis import SynthesisConfig, synthesize
 
 CELLS = [Cell("star", "sketch"), Cell("house", "photo"), Cell("circle", "cartoon")]
 
@@ -54,8 +54,8 @@ def test_prototype_images_encode_like_their_embeddings(toy, text_bank):
 
 def test_precision_follows_the_hardware(monkeypatch):
     """auto runs bf16 only where it is native; an explicit choice is kept; the bank keys the resolved one."""
-    import clipforget.synthesis as S
-    from clipforget.bank import settings_key
+    import clipforget.method.synthesis as S
+    from clipforget.io.bank import settings_key
 
     monkeypatch.setattr(S, "cpu_has_native_bf16", lambda: False)
     assert S.resolve_precision("auto", "cpu") == "fp32"
@@ -76,7 +76,7 @@ def test_progress_starts_at_once_and_ends_done(toy, text_bank):
     synthesize(toy.model, text_targets(text_bank, CELLS), CELLS, cfg, progress=seen.append)
     assert seen[0]["done"] == 0 and seen[0]["step"] == 0  # a first line before any step
     assert seen[-1]["done"] == seen[-1]["total"] == 6
-    from clipforget.synthesis import format_progress
+    from clipforget.method.synthesis import format_progress
 
     line = format_progress(seen[-1])
     assert "6/6 done" in line and "mean cosine" in line and "ETA" in line
@@ -84,7 +84,7 @@ def test_progress_starts_at_once_and_ends_done(toy, text_bank):
 
 def test_cells_are_banked_as_they_finish_and_reused(toy, text_bank, tmp_path):
     """A second request synthesizes nothing the bank holds; each finished cell is its own whole file."""
-    from clipforget.bank import PrototypeBank, synthesize_with_bank
+    from clipforget.io.bank import PrototypeBank, synthesize_with_bank
 
     bank = PrototypeBank(tmp_path)
     cfg = SynthesisConfig(prototypes_per_cell=2, steps=10, seed=2, precision="fp32", batch_size=2)

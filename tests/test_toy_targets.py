@@ -8,11 +8,11 @@ import copy
 
 import pytest
 
-from clipforget.criteria import mode_checks
-from clipforget.evaluate import image_features
-from clipforget.fold import fold_projection
-from clipforget.grid import forget_cells, retain_cells
-from clipforget.method import default_config, fit_projection
+from clipforget.gate.criteria import mode_checks
+from clipforget.method.evaluate import image_features
+from clipforget.method.fold import fold_projection
+from clipforget.method.grid import forget_cells, retain_cells
+from clipforget.method.projection import default_config, fit_projection
 
 pytestmark = pytest.mark.slow
 

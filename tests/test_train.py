@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from clipforget.models import load_model
+from clipforget.io.checkpoints import load_model
 from clipforget.toyworld.train import TrainConfig, multi_positive_loss, train_toy_model
 
 

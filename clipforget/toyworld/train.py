@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipforget.models import TOY_ARCH, image_normalizer, register_toy_config, save_checkpoint
-from clipforget.prompts import TemplateSet
+from clipforget.io.checkpoints import TOY_ARCH, register_toy_config, save_checkpoint
+from clipforget.method.preprocess import image_normalizer
+from clipforget.method.prompts import TemplateSet
 from clipforget.toyworld.render import CLASSES, DOMAINS, render_cells
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from clipforget.models import TOY_WEIGHTS, sha256_file
+from clipforget.io.checkpoints import TOY_WEIGHTS, sha256_file
 
 BUCKET = "clipforget-test"
 # the evaluation set of the core's target tests (tests/test_toy_targets.py: render seed 3, 50 per cell), so
@@ -59,9 +59,9 @@ def s3(pipeline_env):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from clipforget.data import cell_dir
-    from clipforget.grid import Cell, resolve_grid
-    from clipforget.registry import encode_png
+    from clipforget.io.registry import encode_png
+    from clipforget.method.data import cell_dir
+    from clipforget.method.grid import Cell, resolve_grid
     from clipforget.toyworld.render import render_cells
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -137,8 +137,8 @@ def banked_retain_cells(pipeline_env, toy, prototype_bank):
     below), seeded per (seed, cell, index); storing 36 of them is what a request that forgot another class
     would have stored. A `star` request then synthesizes its 4 cells only, and the next one none.
     """
-    from clipforget.bank import PrototypeBank
-    from clipforget.synthesis import Prototypes
+    from clipforget.io.bank import PrototypeBank
+    from clipforget.method.synthesis import Prototypes
 
     keep = [i for i, c in enumerate(prototype_bank.cells) if c.cls != "star"]
     retained = Prototypes(prototype_bank.embeddings[keep], [prototype_bank.cells[i] for i in keep],

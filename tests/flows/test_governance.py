@@ -10,10 +10,10 @@ import shutil
 import pytest
 from prefect.artifacts import Artifact
 
-from clipforget import registry
-from clipforget.ledger import Ledger
-from clipforget.models import sha256_file
-from clipforget.request import DeletionRequest, ModelPolicy
+from clipforget.governance.ledger import Ledger
+from clipforget.governance.request import DeletionRequest, ModelPolicy
+from clipforget.io import registry
+from clipforget.io.checkpoints import sha256_file
 from tasks.common import work_root
 
 NAME = "toy-governed"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from clipforget.bank import PrototypeBank, cell_key, load_prototypes, synthesize_with_bank
-from clipforget.grid import Cell
-from clipforget.method import cell_text_embeddings, text_targets
-from clipforget.models import load_model
-from clipforget.prompts import TemplateSet
-from clipforget.synthesis import SynthesisConfig
+from clipforget.io.bank import PrototypeBank, cell_key, load_prototypes, synthesize_with_bank
+from clipforget.io.checkpoints import load_model
+from clipforget.method.grid import Cell
+from clipforget.method.projection import cell_text_embeddings, text_targets
+from clipforget.method.prompts import TemplateSet
+from clipforget.method.synthesis import SynthesisConfig
 
 TINY = SynthesisConfig(prototypes_per_cell=2, steps=6, check_every=3)
 

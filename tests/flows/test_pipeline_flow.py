@@ -9,8 +9,8 @@ import pytest
 from logcapture import run_log_lines
 from prefect.artifacts import Artifact
 
-from clipforget import registry
-from clipforget.request import Thresholds, UnlearnRequest
+from clipforget.governance.request import Thresholds, UnlearnRequest
+from clipforget.io import registry
 
 NAME = "toy-unlearned"
 pytestmark = pytest.mark.slow
@@ -82,9 +82,9 @@ def test_candidate_forgets_star_on_fresh_renders_and_keeps_the_rest(first, pipel
     import mlflow
     import pandas as pd
 
-    from clipforget.evaluate import LabelledImages, ZeroShotClassifier, image_features, score_cells
-    from clipforget.grid import resolve_grid
-    from clipforget.models import load_model
+    from clipforget.io.checkpoints import load_model
+    from clipforget.method.evaluate import LabelledImages, ZeroShotClassifier, image_features, score_cells
+    from clipforget.method.grid import resolve_grid
     from clipforget.toyworld.render import render_cells
 
     grid = resolve_grid("toy")

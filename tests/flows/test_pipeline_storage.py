@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from clipforget import storage
+from clipforget.io import storage
 
 
 @pytest.fixture()

@@ -18,11 +18,11 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from clipforget.bank import load_prototypes
-from clipforget.grid import Cell
-from clipforget.models import TOY_WEIGHTS
+from clipforget.io.bank import load_prototypes
+from clipforget.io.checkpoints import TOY_WEIGHTS
+from clipforget.method.grid import Cell
+from clipforget.method.synthesis import SynthesisConfig
 from clipforget.steps import save_text
-from clipforget.synthesis import SynthesisConfig
 from tasks.method import synthesize, synthesize_routed
 from tasks.runners import task_runner
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from prefect.artifacts import Artifact
 
-from clipforget import registry
-from clipforget.request import UnlearnRequest
+from clipforget.governance.request import UnlearnRequest
+from clipforget.io import registry
 
 NAME = "toy-consumers"
 REQUEST_ID = "consumer-star"
@@ -44,7 +44,7 @@ def registered(s3, mlflow_server, prefect_harness, tmp_path_factory):
     """`forget star` through the unlearn flow, promoted, in a cache of its own with small synthesis settings (2
     prototypes per cell, 80 steps: seconds, not minutes), judged on the 2,000 rendered images.
     Warnings and warning log records of the run are kept."""
-    from clipforget.request import SynthesisSettings, Thresholds
+    from clipforget.governance.request import SynthesisSettings, Thresholds
     from flows.unlearn import unlearn
 
     cache = tmp_path_factory.mktemp("consumers-cache")
@@ -138,7 +138,7 @@ def test_registration_prints_no_misleading_warnings(registered):
 
 
 def _render(seed: int, per_cell: int = 1):
-    from clipforget.grid import resolve_grid
+    from clipforget.method.grid import resolve_grid
     from clipforget.toyworld.render import render_cells
 
     return render_cells(resolve_grid("toy").cells, per_cell, seed=seed)
@@ -270,7 +270,7 @@ def test_export_loads_with_plain_open_clip(registered, tmp_path):
     import pandas as pd
     from typer.testing import CliRunner
 
-    from clipforget.models import TOY_CONFIG, sha256_file
+    from clipforget.io.checkpoints import TOY_CONFIG, sha256_file
     from flows.cli import app
 
     out = tmp_path / "export"
@@ -311,8 +311,8 @@ OPS = "toy-operators"
 def test_promote_and_rollback_refuse_versions_that_do_not_cover_the_ledger(registered, tmp_path):
     from typer.testing import CliRunner
 
-    from clipforget.ledger import Ledger
-    from clipforget.request import DeletionRequest
+    from clipforget.governance.ledger import Ledger
+    from clipforget.governance.request import DeletionRequest
     from flows.cli import app
 
     ledger = tmp_path / "ledger"
@@ -357,7 +357,7 @@ def test_promote_and_rollback_refuse_versions_that_do_not_cover_the_ledger(regis
 def test_a_rejected_build_logs_its_pictures_too(registered, servers, tmp_path):
     """Same request, settings and cache with limits no model meets: nothing is registered, but the run's report and
     pictures are in an MLflow run of their own, linked from the Prefect run."""
-    from clipforget.request import SynthesisSettings, Thresholds
+    from clipforget.governance.request import SynthesisSettings, Thresholds
     from flows.unlearn import unlearn
 
     m = registered["report"]["metrics"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from clipforget.models import TOY_WEIGHTS, sha256_file
+from clipforget.io.checkpoints import TOY_WEIGHTS, sha256_file
 
 try:  # hypothesis keeps caches in ./.hypothesis unless told otherwise: not in the repository
     import tempfile

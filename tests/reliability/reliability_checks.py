@@ -9,7 +9,7 @@ from pathlib import Path
 
 def registry_state() -> dict[str, list[str]]:
     """Every registered model of the tracking server and its versions."""
-    from clipforget import registry
+    from clipforget.io import registry
 
     c = registry.client()
     return {m.name: sorted(v.version for v in c.search_model_versions(f"name = '{m.name}'"))

@@ -8,7 +8,7 @@ def append_at_once(location: str, request_id: str, barrier, env: dict) -> str:
     import os
 
     os.environ.update(env)
-    from clipforget.ledger import Ledger
+    from clipforget.governance.ledger import Ledger
 
     ledger = Ledger(location)
     record = {"mode": "global", "classes": ["star"], "domains": [], "requested_by": request_id}
@@ -34,10 +34,10 @@ def write_on_a_full_disk(root: str, fsize_limit: int | None = None) -> list[dict
     if fsize_limit is not None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
-    from clipforget.atomic import write_json
-    from clipforget.ledger import Ledger
-    from clipforget.models import TOY_WEIGHTS, save_checkpoint
-    from clipforget.storage import fetch
+    from clipforget.governance.ledger import Ledger
+    from clipforget.io.atomic import write_json
+    from clipforget.io.checkpoints import TOY_WEIGHTS, save_checkpoint
+    from clipforget.io.storage import fetch
 
     base = Path(root)
     writers = {

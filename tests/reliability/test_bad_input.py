@@ -23,7 +23,7 @@ import torch
 from reliability_checks import partial_files, registry_state, s3_state, tree_state
 from typer.testing import CliRunner
 
-from clipforget.models import TOY_WEIGHTS
+from clipforget.io.checkpoints import TOY_WEIGHTS
 from flows.cli import app
 
 UNLEARN = ["unlearn", "--mode", "global", "--classes", "star", "--registered-name", "rel-bad",
@@ -347,7 +347,7 @@ def test_bad_input_table_has_at_least_40_cases():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, ctx, tmp_path, monkeypatch, checked):
-    from clipforget.ledger import Ledger
+    from clipforget.governance.ledger import Ledger
 
     ws = tmp_path
     monkeypatch.chdir(ws)

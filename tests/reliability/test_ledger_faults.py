@@ -17,8 +17,8 @@ import pytest
 from reliability_checks import registry_state, tree_state
 from typer.testing import CliRunner
 
-from clipforget.ledger import Ledger
-from clipforget.request import DeletionRequest, ModelPolicy
+from clipforget.governance.ledger import Ledger
+from clipforget.governance.request import DeletionRequest, ModelPolicy
 from flows.cli import app
 
 REQUESTS = [("dsr-0", ["star"]), ("dsr-1", ["heart"]), ("dsr-2", ["moon"])]

@@ -31,14 +31,14 @@ def evil(path: Path, marker: Path) -> Path:
 
 
 def _load_model(path: Path) -> None:
-    from clipforget.models import load_model
+    from clipforget.io.checkpoints import load_model
 
     load_model("toy", checkpoint=path)
 
 
 def _bank(path: Path) -> None:
-    from clipforget.bank import load_prototypes
-    from clipforget.synthesis import SynthesisConfig
+    from clipforget.io.bank import load_prototypes
+    from clipforget.method.synthesis import SynthesisConfig
 
     load_prototypes([path], SynthesisConfig())
 
@@ -58,8 +58,8 @@ def _projection(path: Path) -> None:
 def _pyfunc(path: Path) -> None:
     import json
 
-    from clipforget.models import TOY_CONFIG
-    from clipforget.pyfunc_model import ZeroShotCLIP
+    from clipforget.io.checkpoints import TOY_CONFIG
+    from clipforget.io.pyfunc_model import ZeroShotCLIP
 
     labels = path.parent / "labels.json"
     labels.write_text(json.dumps({"classes": ["star"]}))
@@ -68,8 +68,8 @@ def _pyfunc(path: Path) -> None:
 
 
 def _fetch_and_load(path: Path) -> None:
-    from clipforget.models import load_model
-    from clipforget.storage import fetch
+    from clipforget.io.checkpoints import load_model
+    from clipforget.io.storage import fetch
 
     got = fetch(path, cache=path.parent / "cache")
     load_model("toy", checkpoint=got.path)

@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clipforget.nullspace import _energy_rank, _weighted, hard_projection, soft_projection
+from clipforget.method.nullspace import _energy_rank, _weighted, hard_projection, soft_projection
 
 EXAMPLES = os.environ.get("CLIPFORGET_HYPOTHESIS_EXAMPLES")  # more, and random, for a deeper search by hand
 SETTINGS = settings(max_examples=int(EXAMPLES or 60), derandomize=EXAMPLES is None, deadline=None, database=None,

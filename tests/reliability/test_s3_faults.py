@@ -9,8 +9,8 @@ import time
 import pytest
 from faultproxy import Fault, FaultProxy, always, first
 
-from clipforget.ledger import Ledger
-from clipforget.storage import TransientError, fetch, fetch_tree
+from clipforget.governance.ledger import Ledger
+from clipforget.io.storage import TransientError, fetch, fetch_tree
 
 
 @pytest.fixture(scope="module")

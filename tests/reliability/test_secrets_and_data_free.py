@@ -95,7 +95,7 @@ def _prefect_texts() -> list[str]:
 
 
 def _mlflow_texts(tmp: Path) -> tuple[list[str], list[bytes]]:
-    from clipforget import registry
+    from clipforget.io import registry
 
     c = registry.client()
     texts, blobs = [], []
@@ -119,7 +119,7 @@ def test_data_free_deletion_request_registers_a_version_judged_on_heldout_protot
     assert evaluation.startswith("held-out prototypes")
     assert len(report["cells"]) == 40 and {c["n"] for c in report["cells"]} == {TINY["heldout_per_cell"]}
     assert report["policy"]["data_uri"] is None and report["passed"] is True
-    from clipforget import registry
+    from clipforget.io import registry
 
     champ = registry.champion(NAME)
     assert champ is not None and champ["version"] == report["registered"]["version"]
@@ -129,7 +129,7 @@ def test_data_free_deletion_request_registers_a_version_judged_on_heldout_protot
 
 
 def test_no_secret_reaches_any_output(secret_run, tmp_path, checked):
-    from clipforget.ledger import Ledger
+    from clipforget.governance.ledger import Ledger
 
     texts = [o.output for o in secret_run["outputs"]] + secret_run["log"] + _prefect_texts()
     ml_texts, blobs = _mlflow_texts(tmp_path)
@@ -149,7 +149,7 @@ def test_no_secret_reaches_any_output(secret_run, tmp_path, checked):
 
 
 def test_only_whitelisted_bounded_tags_and_markup_kept_verbatim(secret_run, checked):
-    from clipforget import registry
+    from clipforget.io import registry
 
     allowed = {v for k, v in vars(registry).items() if k.startswith("TAG_") and isinstance(v, str)}
     c = registry.client()
@@ -181,7 +181,7 @@ def demo_run(servers, tmp_path_factory):
 
 
 def test_data_free_unlearn_registers_exactly_when_the_gate_passes(demo_run, checked):
-    from clipforget import registry
+    from clipforget.io import registry
 
     r, report = demo_run
     evaluation = report["evaluation"]["data"] if isinstance(report["evaluation"], dict) else report["evaluation"]
@@ -220,7 +220,7 @@ def test_cli_rebuild_gives_the_registered_weights(secret_run, checked):
 
 
 def test_cli_govern_fails_when_no_version_is_champion(secret_run, tmp_path, checked):
-    from clipforget import registry
+    from clipforget.io import registry
 
     c = registry.client()
     version = secret_run["report"]["registered"]["version"]
@@ -236,7 +236,7 @@ def test_cli_govern_fails_when_no_version_is_champion(secret_run, tmp_path, chec
 
 
 def test_cli_govern_fails_when_the_champion_weights_are_not_the_registered_ones(secret_run, tmp_path, checked):
-    from clipforget import registry
+    from clipforget.io import registry
 
     c = registry.client()
     version = secret_run["report"]["registered"]["version"]
@@ -258,7 +258,7 @@ def test_mlflow_down_at_registration_then_back_registers_exactly_one_version(sec
     comes back: the first run fails cleanly with nothing registered, the rerun registers exactly one version."""
     from faultproxy import Fault, FaultProxy
 
-    from clipforget import registry
+    from clipforget.io import registry
 
     name = "rel-mlflow-down"
     args = ["unlearn", "--mode", "global", "--classes", "heart", "--registered-name", name, "--request-id", "down-1",

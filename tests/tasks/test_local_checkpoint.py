@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clipforget.models import TOY_WEIGHTS, sha256_file
+from clipforget.io.checkpoints import TOY_WEIGHTS, sha256_file
 from tasks.method import _local_checkpoint
 
 

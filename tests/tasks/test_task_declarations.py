@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from clipforget import storage
-from clipforget.registry import parse_model_ref
-from clipforget.request import Thresholds, UnlearnRequest
+from clipforget.governance.request import Thresholds, UnlearnRequest
+from clipforget.io import storage
+from clipforget.io.registry import parse_model_ref
 from tasks.common import file_cache_key, retry_if_transient
 from tasks.fetch import fetch_checkpoint, fetch_eval_data
 from tasks.method import build_nullspace, generate_prompts, synthesize_prototypes

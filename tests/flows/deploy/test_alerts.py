@@ -46,8 +46,8 @@ def test_noncompliant_governance_notifies_the_team(prefect_stack, mlflow_server,
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from clipforget.ledger import Ledger
-    from clipforget.request import DeletionRequest
+    from clipforget.governance.ledger import Ledger
+    from clipforget.governance.request import DeletionRequest
 
     url, received = webhook
     with temporary_settings(updates={PREFECT_API_URL: prefect_stack.url}):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clipforget import registry
+from clipforget.io import registry
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def test_deletion_request_runs_on_the_cpu_worker_and_registers_the_model(deploye
     from mlflow import MlflowClient
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
-    from clipforget.ledger import Ledger
+    from clipforget.governance.ledger import Ledger
 
     stack = deployed["stack"]
     parameters = {

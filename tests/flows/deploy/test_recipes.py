@@ -37,7 +37,7 @@ def test_prefect_yaml_entrypoints_are_flows_of_the_named_flows():
         found[f"{flow_name}/{dep['name']}"] = dep["work_pool"]["name"]
     assert found == {"deletion-request/on-demand": "cpu", "governance/daily": "cpu", "synthesize-prototypes/gpu": "gpu"}
     # one policy for both lineage deployments; the pull step reads CLIPFORGET_HOME on the worker
-    from clipforget.request import ModelPolicy
+    from clipforget.governance.request import ModelPolicy
 
     by_name = {d["name"]: d for d in recipe["deployments"]}
     assert by_name["on-demand"]["parameters"]["policy"] == by_name["daily"]["parameters"]["policy"]

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from clipforget.card import model_card
+from clipforget.io.card import model_card
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -108,7 +108,7 @@ def package_model(workdir: Path, checkpoint: Path, arch: str, projection: Path, 
     import open_clip
     from safetensors.torch import save_file
 
-    from clipforget.models import register_toy_config
+    from clipforget.io.checkpoints import register_toy_config
 
     clash = {"label", "score", "image"} & set(classes)
     if clash:
@@ -344,7 +344,7 @@ def classify_folder(pyfunc: Any, root: str | Path, batch_size: int = 256) -> tup
     """Predicted labels for every image of a labelled folder, and each image's cell."""
     import pandas as pd
 
-    from clipforget.data import list_labelled_images
+    from clipforget.method.data import list_labelled_images
 
     items = list_labelled_images(root)
     labels: list[str] = []

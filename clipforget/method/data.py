@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipforget.grid import Cell, Grid
+from clipforget.method.grid import Cell, Grid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

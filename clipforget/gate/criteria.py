@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from clipforget.evaluate import EvalReport
-from clipforget.grid import Cell
+from clipforget.method.evaluate import EvalReport
+from clipforget.method.grid import Cell
 
 CONFIDENCE = 0.95
 

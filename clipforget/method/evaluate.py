@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipforget.data import list_labelled_images
-from clipforget.grid import Cell, Grid
-from clipforget.prompts import TemplateSet, class_text_embeddings
+from clipforget.method.data import list_labelled_images
+from clipforget.method.grid import Cell, Grid
+from clipforget.method.prompts import TemplateSet, class_text_embeddings
 
 
 @dataclass

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from clipforget.nullspace import Projection
+from clipforget.method.nullspace import Projection
 
 
 def _margins(h: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from clipforget.atomic import atomic_path
-from clipforget.grid import Cell
-from clipforget.synthesis import Prototypes, SynthesisConfig, synthesize
+from clipforget.io.atomic import atomic_path
+from clipforget.method.grid import Cell
+from clipforget.method.synthesis import Prototypes, SynthesisConfig, synthesize
 
 # settings that change no prototype: how many images share a batch
 _NOT_IN_KEY = ("batch_size",)
@@ -30,7 +30,7 @@ _NOT_IN_KEY = ("batch_size",)
 def settings_key(config: SynthesisConfig) -> dict:
     """The settings that decide a prototype; `precision` as it runs here (auto resolves to fp32 or bf16), so
     prototypes of either precision stay valid and are never mixed up."""
-    from clipforget.models import pick_device
+    from clipforget.io.checkpoints import pick_device
 
     return {k: v for k, v in asdict(config.resolved(pick_device())).items() if k not in _NOT_IN_KEY}
 

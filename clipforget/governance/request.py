@@ -17,10 +17,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from clipforget.criteria import Check, forget_cell_check, max_drop_check, mode_checks
-from clipforget.evaluate import EvalReport
-from clipforget.grid import Cell, Grid, forget_cells
-from clipforget.synthesis import SynthesisConfig
+from clipforget.gate.criteria import Check, forget_cell_check, max_drop_check, mode_checks
+from clipforget.method.evaluate import EvalReport
+from clipforget.method.grid import Cell, Grid, forget_cells
+from clipforget.method.synthesis import SynthesisConfig
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_JSON_BYTES = 1 << 20  # a request or policy file; anything larger is not a request
@@ -132,7 +132,7 @@ class ModelPolicy(BaseModel):
     @field_validator("checkpoint_uri", "data_uri")
     @classmethod
     def _uri(cls, v: str | None) -> str | None:
-        from clipforget.storage import Location
+        from clipforget.io.storage import Location
 
         if v is not None:
             loc = Location.parse(v)  # ValueError names a malformed or unsupported URI

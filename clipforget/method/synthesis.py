@@ -32,8 +32,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from clipforget.grid import Cell
-from clipforget.models import image_normalizer, image_size
+from clipforget.method.grid import Cell
+from clipforget.method.preprocess import image_normalizer, image_size
 
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipforget.grid import Cell
+from clipforget.method.grid import Cell
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipforget.grid import Cell, Grid, forget_cells
-from clipforget.storage import Location, is_transient, s3_client, with_retries
+from clipforget.io.storage import Location, is_transient, s3_client, with_retries
+from clipforget.method.grid import Cell, Grid, forget_cells
 
 GENESIS = "0" * 64
 _NAME = re.compile(r"^(\d{8})\.json$")

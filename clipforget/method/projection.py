@@ -10,10 +10,10 @@ from typing import Literal
 
 import torch
 
-from clipforget.grid import Cell
-from clipforget.nullspace import Projection, hard_projection, soft_projection
-from clipforget.prompts import TemplateSet, encode_prompts
-from clipforget.synthesis import Prototypes
+from clipforget.method.grid import Cell
+from clipforget.method.nullspace import Projection, hard_projection, soft_projection
+from clipforget.method.prompts import TemplateSet, encode_prompts
+from clipforget.method.synthesis import Prototypes
 
 Source = Literal["text", "prototypes", "multimodal"]
 SOURCES: tuple[str, ...] = ("text", "prototypes", "multimodal")
@@ -32,7 +32,7 @@ class NullspaceConfig:
     retain_energy: float = 0.9
     same_class_weight: float = 1.0
     text_weight: float = 1.0  # weight of text columns relative to prototype columns
-    # kind "margin" (clipforget.margin): the zero-shot margin each forget prototype must lose by, the weight of
+    # kind "margin" (clipforget.method.margin): the zero-shot margin each forget prototype must lose by, the weight of
     # the margin terms against ‖P − I‖², and the Adam steps of the solve
     margin: float = 0.05
     margin_weight: float = 30.0
@@ -153,8 +153,8 @@ def fit_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: dict[Ce
 def fit_margin_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: dict[Cell, torch.Tensor],
                           protos: Prototypes | None,
                           classifier: tuple[Sequence[str], torch.Tensor] | None, config: NullspaceConfig) -> Projection:
-    """The margin-aware map (clipforget.margin) on the prototypes of the forget and retain cells."""
-    from clipforget.margin import margin_projection
+    """The margin-aware map (clipforget.method.margin) on the prototypes of the forget and retain cells."""
+    from clipforget.method.margin import margin_projection
 
     if protos is None or classifier is None:
         raise ValueError("a margin projection needs prototypes and the zero-shot classifier")

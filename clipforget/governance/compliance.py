@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clipforget.criteria import FORGET_CELL_LIMIT
-from clipforget.request import ForgetGroup, Thresholds
+from clipforget.gate.criteria import FORGET_CELL_LIMIT
+from clipforget.governance.request import ForgetGroup, Thresholds
 
 
 @dataclass(frozen=True)

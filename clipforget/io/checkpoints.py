@@ -7,17 +7,17 @@ so every code path that serves `ViT-B-32` serves the toy model too.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clipforget.atomic import atomic_path
+from clipforget.io.atomic import atomic_path
 
 TOY_ARCH = "toy"
-TOY_DIR = Path(__file__).parent / "toyworld"
+TOY_DIR = Path(__file__).parents[1] / "toyworld"
 TOY_CONFIG = TOY_DIR / "toy.json"
 TOY_WEIGHTS = TOY_DIR / "weights" / "toy.safetensors"
 
@@ -140,21 +140,6 @@ def _misfit(arch: str, checkpoint: str | Path | None) -> str | None:
              for what, ks in (("missing tensor(s)", missing), ("unexpected tensor(s)", unexpected),
                               ("tensor(s) of another shape", shape)) if ks]
     return f"the state dict does not fit {arch}: " + "; ".join(parts) if parts else None
-
-
-def image_normalizer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Normalize float images [B,3,H,W] in [0,1] with the model's own preprocessing mean/std."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
-    mean = torch.tensor(cfg.get("mean", OPENAI_DATASET_MEAN)).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.get("std", OPENAI_DATASET_STD)).view(1, 3, 1, 1)
-    return lambda x: (x - mean.to(x.device)) / std.to(x.device)
-
-
-def image_size(model: Any) -> int:
-    size = model.visual.image_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def pick_device(device: str | None = None) -> torch.device:
