@@ -418,7 +418,7 @@ def request_submit(
     import pydantic
 
     from clipforget.governance.request import DeletionRequest, ModelPolicy, read_json_file
-    from tasks.ledger import ledger_location
+    from tasks.record import ledger_location
 
     try:
         request = DeletionRequest.model_validate_json(read_json_file(file, "request"))
@@ -482,7 +482,7 @@ def request_submit(
 
 def _ledger_entries(ledger: str | None) -> tuple[str, list]:
     from clipforget.governance.ledger import Ledger, LedgerError
-    from tasks.ledger import ledger_location
+    from tasks.record import ledger_location
 
     location = ledger_location(ledger)
     try:
@@ -572,7 +572,7 @@ def rebuild_cmd(
     _offline_prefect()
     from clipforget.governance.ledger import Ledger, LedgerError
     from flows.deletion_request import rebuild
-    from tasks.ledger import ledger_location
+    from tasks.record import ledger_location
 
     try:
         head = Ledger(ledger_location(ledger)).resolve(head) if head else None  # bad input fails before the flow

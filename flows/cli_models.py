@@ -72,7 +72,7 @@ def models_show(
 def _ledger(ledger: str | None) -> tuple[list[str], str | None]:
     """The ledger's request ids (oldest first) and head hash; the chain is verified."""
     from clipforget.governance.ledger import Ledger, LedgerError
-    from tasks.ledger import ledger_location
+    from tasks.record import ledger_location
 
     location = ledger_location(ledger)
     try:

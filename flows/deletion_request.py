@@ -22,9 +22,9 @@ from clipforget.io.atomic import write_json
 from clipforget.io.checkpoints import check_arch
 from clipforget.method.data import list_labelled_images
 from flows.pipeline import Build, Inputs, fetch_inputs, groups_of, run_pipeline
-from tasks.ledger import append_request, entry_of, ledger_location, read_ledger
+from flows.runners import task_runner
+from tasks.record import append_request, entry_of, ledger_location, read_ledger
 from tasks.register import find_registered, promote_model
-from tasks.runners import task_runner
 
 
 def version_id(entries: Sequence[Entry], policy: ModelPolicy) -> str:

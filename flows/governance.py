@@ -22,11 +22,11 @@ from clipforget.io.atomic import write_json
 from clipforget.steps import cell_names
 from flows.deletion_request import build_at_head, version_id
 from flows.pipeline import fetch_inputs, groups_of, heldout_images
+from flows.runners import task_runner
 from tasks.alerts import emit_noncompliant
 from tasks.audit import audit_model, fetch_registered_weights, publish_governance_report
 from tasks.common import work_root
-from tasks.ledger import entry_of, ledger_location, read_ledger
-from tasks.runners import task_runner
+from tasks.record import entry_of, ledger_location, read_ledger
 
 
 @flow(name="governance", validate_parameters=True, task_runner=task_runner())

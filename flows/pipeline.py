@@ -20,9 +20,10 @@ from clipforget.io.atomic import write_json
 from clipforget.method.grid import Grid, forget_cells, resolve_grid, retain_cells
 from clipforget.method.projection import default_config
 from clipforget.steps import cell_names
+from flows.fanout import fill_bank_routed
+from tasks.build import build_nullspace, fold_into_checkpoint, generate_prompts
 from tasks.common import work_root
 from tasks.fetch import fetch_checkpoint, fetch_eval_data
-from tasks.method import build_nullspace, fold_projection, generate_prompts, synthesize_routed
 from tasks.pictures import draw_pictures, publish_rejected
 from tasks.register import register_model
 from tasks.validate import validate
@@ -109,7 +110,7 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
 
     # 3. visual prototypes, data-free (the prototype bank keeps them per cell across requests)
     t = time.perf_counter()
-    protos = synthesize_routed(policy.arch, base["path"], base["sha256"], text, cells, asdict(synthesis),
+    protos = fill_bank_routed(policy.arch, base["path"], base["sha256"], text, cells, asdict(synthesis),
                                checkpoint_uri=base["uri"])
     step("prototypes", t)
 
@@ -122,7 +123,7 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     # 5. fold into the image tower's last linear map (the checkpoint's metadata depends on the build only,
     # so a rebuild of the same version id gives the same bytes)
     t = time.perf_counter()
-    unlearned = fold_projection(policy.arch, base["path"], base["sha256"], projection["path"],
+    unlearned = fold_into_checkpoint(policy.arch, base["path"], base["sha256"], projection["path"],
                                 str(run_dir / "unlearned.safetensors"),
                                 {"clipforget.base_sha256": base["sha256"], "clipforget.arch": policy.arch,
                                  "clipforget.mode": build.mode, "clipforget.request_id": build.version_id,
@@ -208,7 +209,7 @@ def heldout_images(policy: ModelPolicy, base: dict, grid: Grid, text: str | None
     if text is None:
         text = generate_prompts(policy.arch, base["path"], base["sha256"], cells)
     cfg = asdict(heldout_config(policy.synthesis.config(policy.arch), policy.synthesis.heldout_per_cell))
-    return synthesize_routed(policy.arch, base["path"], base["sha256"], text, cells, cfg, with_images=True,
+    return fill_bank_routed(policy.arch, base["path"], base["sha256"], text, cells, cfg, with_images=True,
                              checkpoint_uri=base["uri"]), cfg
 
 

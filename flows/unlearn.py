@@ -16,8 +16,8 @@ from clipforget.governance.request import UnlearnRequest
 from clipforget.io import registry
 from clipforget.io.atomic import write_json
 from flows.pipeline import Build, policy_grid, run_pipeline
+from flows.runners import task_runner
 from tasks.register import find_registered, promote_model
-from tasks.runners import task_runner
 
 __all__ = ["unlearn", "policy_grid"]
 

@@ -23,8 +23,8 @@ from clipforget.io.checkpoints import TOY_WEIGHTS
 from clipforget.method.grid import Cell
 from clipforget.method.synthesis import SynthesisConfig
 from clipforget.steps import save_text
-from tasks.method import synthesize, synthesize_routed
-from tasks.runners import task_runner
+from flows.fanout import fill_bank, fill_bank_routed
+from flows.runners import task_runner
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +38,9 @@ def fill_twice(arch: str, checkpoint: str, sha256: str, text_file: str, cells: l
                cells_per_task: int) -> dict:
     import ray
 
-    first = synthesize(arch, checkpoint, sha256, text_file, cells, synthesis, with_images=True,
+    first = fill_bank(arch, checkpoint, sha256, text_file, cells, synthesis, with_images=True,
                        cells_per_task=cells_per_task)
-    second = synthesize(arch, checkpoint, sha256, text_file, cells, synthesis, with_images=True,
+    second = fill_bank(arch, checkpoint, sha256, text_file, cells, synthesis, with_images=True,
                         cells_per_task=cells_per_task)
     return {"first": first, "second": second, "ray": ray.is_initialized()}
 
@@ -128,7 +128,7 @@ def test_routed_synthesis_runs_the_gpu_deployment_only_for_missing_cells(inputs,
 
     @flow(name="test-routed")
     def routed(**kw) -> dict:
-        return synthesize_routed(**kw)
+        return fill_bank_routed(**kw)
 
     monkeypatch.setenv("CLIPFORGET_CACHE", str(tmp_path / "shared"))
     monkeypatch.setenv("CLIPFORGET_SYNTHESIS_DEPLOYMENT", "synthesize-prototypes/gpu")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clipforget.io.checkpoints import TOY_WEIGHTS, sha256_file
-from tasks.method import _local_checkpoint
+from tasks.build import _local_checkpoint
 
 
 def test_worker_fetches_the_uri_when_the_path_is_not_on_its_disk(tmp_path, monkeypatch):

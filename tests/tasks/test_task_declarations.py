@@ -7,9 +7,9 @@ import pytest
 from clipforget.governance.request import Thresholds, UnlearnRequest
 from clipforget.io import storage
 from clipforget.io.registry import parse_model_ref
+from tasks.build import build_nullspace, generate_prompts, synthesize_chunk
 from tasks.common import file_cache_key, retry_if_transient
 from tasks.fetch import fetch_checkpoint, fetch_eval_data
-from tasks.method import build_nullspace, generate_prompts, synthesize_prototypes
 from tasks.register import find_registered, register_model
 
 
@@ -17,7 +17,7 @@ def test_retries_caching_and_tags_are_declared():
     assert fetch_checkpoint.retries == 2 and fetch_eval_data.retries == 2
     assert fetch_checkpoint.retry_condition_fn is retry_if_transient
     assert register_model.retries == 2 and find_registered.retries == 2
-    assert "gpu" in synthesize_prototypes.tags
+    assert "gpu" in synthesize_chunk.tags
     assert generate_prompts.cache_key_fn is not None and build_nullspace.cache_key_fn is not None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks import runners
+from flows import runners
 
 
 def test_in_process_by_default_and_ray_when_an_address_is_set(monkeypatch):

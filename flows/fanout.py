@@ -1,0 +1,169 @@
+"""Fan-out of prototype synthesis: the bank's missing cells, chunked onto the flow's task runner (in-process or
+Ray), or sent to the gpu pool's deployment. Orchestration only: the work itself is `tasks.build.synthesize_chunk`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from prefect import get_run_logger
+
+from clipforget.io.bank import PrototypeBank
+from clipforget.method.projection import text_targets
+from clipforget.method.synthesis import Prototypes, SynthesisConfig
+from clipforget.steps import cell_names, load_text, parse_cells
+from flows import runners
+from tasks.build import precision_report, synthesize_chunk
+from tasks.common import work_root
+
+
+def _logger() -> Any:
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging import get_logger
+
+    return get_run_logger() if FlowRunContext.get() or TaskRunContext.get() else get_logger("clipforget.synthesis")
+
+
+def _missing(bank: PrototypeBank, sha256: str, cells: list[str], config: SynthesisConfig, with_images: bool) -> list:
+    return [c for c in dict.fromkeys(parse_cells(cells)) if not bank.has(sha256, c, config, with_images)]
+
+
+def _within(cells: list, subset: list) -> list:
+    keep = set(subset)
+    return [c for c in cells if c in keep]
+
+
+def fill_bank(arch: str, checkpoint: str, sha256: str, text_file: str, cells: list[str], synthesis: dict,
+               with_images: bool = False, cells_per_task: int | None = None,
+               gpus_per_task: float | None = None, checkpoint_uri: str | None = None) -> dict:
+    """Visual prototypes per cell from the prototype bank, the missing cells synthesized by the flow's task runner.
+
+    A plain function, not a task: called inside a flow, it submits one `synthesize_chunk` task per
+    `cells_per_task` missing cells (default `CLIPFORGET_CELLS_PER_TASK`, 8) to the flow's task runner. On a
+    `RayTaskRunner` all chunks run at once, each asking Ray for `gpus_per_task` GPUs (default
+    `CLIPFORGET_GPUS_PER_TASK`, else 1 when the cluster has GPUs); in-process they run one after another.
+    The chunks return their prototypes as data and this process puts them into its own bank, so workers
+    need no shared disk (only the checkpoint: same path, or a URI they can fetch). Synthesis is seeded per
+    (seed, cell, index) and the chunks depend on `cells_per_task` only, so any runner gives the same bits.
+    Nothing is submitted when the bank holds every cell. Outside a flow the chunks run in this process.
+
+    Returns {paths (one bank file per cell, in `cells` order), reused, synthesized, seconds}, like the
+    gpu pool's flow.
+    """
+    from prefect.context import FlowRunContext
+
+    t0 = time.perf_counter()
+    logger = _logger()
+    config = SynthesisConfig(**synthesis)
+    bank = PrototypeBank(work_root() / "prototypes")
+    wanted = parse_cells(cells)
+    missing = _missing(bank, sha256, cells, config, with_images)
+    if missing:
+        per_task = cells_per_task or runners.cells_per_task()
+        chunks = [missing[i : i + per_task] for i in range(0, len(missing), per_task)]
+        text = load_text(text_file)
+        ctx = FlowRunContext.get()
+        runner = ctx.task_runner if ctx is not None else None
+        on_ray = runners.is_ray(runner)
+        gpus = 0.0
+        if on_ray:
+            gpus = gpus_per_task if gpus_per_task is not None else runners.gpus_per_task(runners.ray_cluster_gpus())
+        logger.info("prototype bank: %d of %d cells reused, %d to synthesize in %d tasks of up to %d cells%s "
+                    "(%d prototypes/cell, %d steps, seed %d; precision %s: %s)", len(set(wanted)) - len(missing),
+                    len(set(wanted)), len(missing), len(chunks), per_task,
+                    f" on Ray, {gpus:g} GPU/task" if on_ray else " in-process", config.prototypes_per_cell,
+                    config.steps, config.seed, *precision_report(config).values())
+
+        def args(chunk: list) -> dict:
+            return {"arch": arch, "checkpoint": checkpoint, "sha256": sha256, "cells": cell_names(chunk),
+                    "targets": text_targets(text, chunk), "synthesis": synthesis, "with_images": with_images,
+                    "checkpoint_uri": checkpoint_uri}
+
+        def store(i: int, out: dict) -> None:
+            protos = Prototypes(out["embeddings"], [c for c in parse_cells(out["cells"])
+                                                    for _ in range(config.prototypes_per_cell)],
+                                out["cosines"], out["steps_used"], out["seconds"], config, out["images"])
+            bank.put(sha256, protos, with_images)
+            logger.info("chunk %d/%d (%d cells) synthesized in %.1f s on %s, %s pid %d", i + 1, len(chunks),
+                        len(out["cells"]), out["seconds"], out["device"], out["host"], out["pid"])
+
+        errors: list[BaseException] = []
+        if ctx is None:
+            for i, chunk in enumerate(chunks):
+                store(i, synthesize_chunk(**args(chunk)))
+        elif on_ray:
+            from prefect_ray.context import remote_options
+
+            options = {"num_gpus": gpus} if gpus > 0 else {}
+            with remote_options(**options):
+                futures = [synthesize_chunk.submit(**args(chunk)) for chunk in chunks]
+            for i, future in enumerate(futures):  # keep every chunk that succeeded, then report the failures
+                try:
+                    store(i, future.result())
+                except Exception as e:
+                    errors.append(e)
+        else:
+            for i, chunk in enumerate(chunks):
+                store(i, synthesize_chunk.submit(**args(chunk)).result())
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {len(chunks)} synthesis tasks failed; the others' cells are "
+                               f"banked. First failure: {errors[0]!r}") from errors[0]
+    else:
+        logger.info("prototype bank: %d of %d cells reused, 0 to synthesize", len(set(wanted)), len(set(wanted)))
+    paths = [bank.path(sha256, c, config, with_images) for c in wanted]
+    seconds = time.perf_counter() - t0
+    if missing:
+        logger.info("prototype bank: synthesized %d cells in %.1f s", len(missing), seconds)
+    return {"paths": [str(p) for p in paths], "reused": len(wanted) - len(_within(wanted, missing)),
+            "synthesized": len(missing), "seconds": round(seconds, 3), **precision_report(config)}
+
+
+SYNTHESIS_DEPLOYMENT_ENV = "CLIPFORGET_SYNTHESIS_DEPLOYMENT"
+
+
+def fill_bank_routed(arch: str, checkpoint: str, sha256: str, text_file: str, cells: list[str], synthesis: dict,
+                      with_images: bool = False, cells_per_task: int | None = None,
+                      gpus_per_task: float | None = None, checkpoint_uri: str | None = None) -> dict:
+    """`fill_bank`, with the missing cells sent to the gpu pool when `CLIPFORGET_SYNTHESIS_DEPLOYMENT` is set.
+
+    With the variable set (a deployment name such as `synthesize-prototypes/gpu`, of the flow in
+    flows/synthesize.py) and cells missing from the bank, this runs that deployment (as a subflow when
+    called from a flow) and waits for it; a run that does not complete raises. The gpu worker and this
+    process must share the cache volume `CLIPFORGET_CACHE`: the deployment reads the checkpoint and
+    `text_file` at the paths given here and writes the prototypes into the same bank, which this process
+    then reads. The chunking and GPUs per task are then the gpu worker's settings (its environment).
+    `synthesized` and `seconds` count the cells the deployment synthesized and the time it took.
+    Without the variable, or with every cell banked: `fill_bank(...)` in this flow.
+    """
+    name = os.environ.get(SYNTHESIS_DEPLOYMENT_ENV)
+    config = SynthesisConfig(**synthesis)
+    bank = PrototypeBank(work_root() / "prototypes")
+    missing = _missing(bank, sha256, cells, config, with_images) if name else []
+    if not missing:
+        return fill_bank(arch, checkpoint, sha256, text_file, cells, synthesis, with_images, cells_per_task,
+                          gpus_per_task, checkpoint_uri)
+    from prefect.deployments import run_deployment
+
+    assert name is not None
+    t0 = time.perf_counter()
+    logger = _logger()
+    logger.info("%d cells missing from the prototype bank: running deployment %s", len(missing), name)
+    parameters = {"arch": arch, "checkpoint": checkpoint, "sha256": sha256, "text_file": text_file,
+                  "cells": list(cells), "synthesis": synthesis, "with_images": with_images,
+                  "checkpoint_uri": checkpoint_uri}
+    run: Any = run_deployment(name, parameters=parameters, timeout=None)  # a FlowRun (sync context)
+    state = run.state
+    if state is None or not state.is_completed():
+        raise RuntimeError(f"prototype synthesis deployment {name}: flow run {run.name} ({run.id}) ended "
+                           f"{state.type.value if state else 'without a state'}"
+                           f"{': ' + state.message if state and state.message else ''}")
+    still = _missing(bank, sha256, cells, config, with_images)
+    if still:
+        raise RuntimeError(f"deployment {name} completed (flow run {run.name}) but the prototype bank at {bank.root} "
+                           f"still lacks {len(still)} cells: the gpu worker and this process must share "
+                           "CLIPFORGET_CACHE (the same volume at the same path)")
+    out = fill_bank(arch, checkpoint, sha256, text_file, cells, synthesis, with_images, checkpoint_uri=checkpoint_uri)
+    return {**out, "reused": len(cells) - len(_within(parse_cells(cells), missing)), "synthesized": len(missing),
+            "seconds": round(time.perf_counter() - t0, 3)}  # precision: from `out`

@@ -1,0 +1,139 @@
+"""Steps 2-5 of the method as Prefect tasks: text embeddings, prototypes, projection, fold.
+
+Thin wrappers over `clipforget.steps`: they take and return paths, digests and small dicts, never models.
+One exception: `synthesize_chunk` returns its prototypes' tensors, because on Ray it runs on workers that
+need not share the caller's disk (`flows.fanout.fill_bank` banks them on the caller's side). Which runner
+runs them, and how the cells are split, is the flows' business (`flows/fanout.py`, `flows/runners.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from clipforget.io.bank import load_prototypes
+from clipforget.method.projection import NullspaceConfig
+from clipforget.method.prompts import TemplateSet
+from clipforget.method.synthesis import SynthesisConfig, format_progress
+from clipforget.method.synthesis import synthesize as synthesize_images
+from clipforget.steps import (
+    build_projection_file,
+    digest,
+    fold_checkpoint,
+    load_projection,
+    parse_cells,
+    text_path,
+    write_text_embeddings,
+)
+from tasks.common import file_cache_key, loaded_model, work_root
+
+
+def _text_file(p: dict) -> Path:
+    return text_path(work_root(), p["sha256"], parse_cells(p["cells"]), TemplateSet())
+
+
+@task(name="generate_prompts", cache_key_fn=file_cache_key(_text_file), persist_result=True, result_serializer="json")
+def generate_prompts(arch: str, checkpoint: str, sha256: str, cells: list[str]) -> str:
+    """Domain-aware prompts per cell → their normalized text embeddings (a safetensors file)."""
+    path = _text_file({"sha256": sha256, "cells": cells})
+    if not path.is_file():
+        write_text_embeddings(loaded_model(arch, checkpoint, sha256), parse_cells(cells), TemplateSet(), path)
+    get_run_logger().info("text embeddings of %d cells at %s", len(cells), path)
+    return str(path)
+
+
+def precision_report(config: SynthesisConfig) -> dict:
+    """The precision synthesis runs at here (auto resolved) and what decided it, for the report."""
+    from clipforget.io.checkpoints import pick_device
+    from clipforget.method.synthesis import hardware_summary
+
+    device = pick_device()
+    return {"precision": config.resolved(device).precision, "hardware": hardware_summary(device)}
+
+
+def _progress_logger(every_s: float = 5.0):
+    """Synthesis progress as log lines: the first at once, then at least every `every_s` seconds, and the last."""
+    logger = get_run_logger()
+    last = [float("-inf")]
+
+    def log(p: dict) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s or p["done"] == p["total"]:
+            last[0] = now
+            logger.info("synthesis (%s): %s", p.get("precision", "?"), format_progress(p))
+    return log
+
+
+def _local_checkpoint(checkpoint: str, sha256: str, checkpoint_uri: str | None = None) -> str:
+    """The checkpoint as a file on this machine: the path itself, else its URI (`checkpoint_uri`, or
+    `checkpoint` when it is one) fetched into this machine's cache and verified against `sha256`."""
+    if Path(checkpoint).is_file():
+        return checkpoint
+    uri = next((u for u in (checkpoint_uri, checkpoint) if u and "://" in u), None)
+    if uri is not None:
+        from clipforget.io.storage import fetch
+
+        return str(fetch(uri, sha256).path)
+    raise FileNotFoundError(f"checkpoint {checkpoint} is not readable on {socket.gethostname()}: a synthesis worker "
+                            "needs the checkpoint at the same path (a shared volume) or an s3:// / file:// URI")
+
+
+@task(name="synthesize_chunk", tags=["gpu"], cache_policy=NONE, persist_result=False)
+def synthesize_chunk(arch: str, checkpoint: str, sha256: str, cells: list[str], targets: torch.Tensor,
+                     synthesis: dict, with_images: bool = False, checkpoint_uri: str | None = None) -> dict:
+    """Prototypes of a chunk of cells, returned as data (not bank paths: a Ray worker on another machine
+    does not share the caller's disk; the caller puts them into its bank).
+
+    `targets` [len(cells), d] are the cells' text targets. Returns {cells, embeddings, cosines, steps_used,
+    images (uint8, or None), seconds, host, pid, device}.
+    """
+    logger = get_run_logger()
+    config = SynthesisConfig(**synthesis)
+    model = loaded_model(arch, _local_checkpoint(checkpoint, sha256, checkpoint_uri), sha256).model
+    device = str(next(model.parameters()).device)
+    logger.info("synthesizing %d cells x %d prototypes on %s (%s, pid %d)", len(cells), config.prototypes_per_cell,
+                device, socket.gethostname(), os.getpid())
+    protos = synthesize_images(model, targets, parse_cells(cells), config, _progress_logger(),
+                               return_images=with_images)
+    return {"cells": list(cells), "embeddings": protos.embeddings, "cosines": protos.cosines,
+            "steps_used": protos.steps_used, "images": protos.images, "seconds": protos.seconds,
+            "host": socket.gethostname(), "pid": os.getpid(), "device": device}
+
+
+def _projection_file(p: dict) -> Path:
+    key = digest(p["text_file"], p["prototype_files"], p["forget"], p["retain"], p["nullspace"])
+    return work_root() / "projections" / f"{key[:32]}.safetensors"
+
+
+@task(name="build_nullspace", cache_key_fn=file_cache_key(_projection_file), persist_result=True,
+      result_serializer="json")
+def build_nullspace(text_file: str, prototype_files: list[str], forget: list[str], retain: list[str],
+                    nullspace: dict, synthesis: dict) -> dict:
+    """Forget set F and retain set R from text embeddings and prototypes → the projection P (safetensors)."""
+    params = {"text_file": text_file, "prototype_files": prototype_files, "forget": forget, "retain": retain,
+              "nullspace": nullspace}
+    path = _projection_file(params)
+    if path.is_file():
+        summary = load_projection(path)[1]["summary"]
+    else:
+        protos = load_prototypes(prototype_files, SynthesisConfig(**synthesis)) if prototype_files else None
+        path, summary = build_projection_file(text_file, protos, parse_cells(forget), parse_cells(retain),
+                                              NullspaceConfig(**nullspace), path)
+    get_run_logger().info("projection %s: %s", path.name, summary)
+    return {"path": str(path), "summary": summary}
+
+
+@task(name="fold_into_checkpoint")
+def fold_into_checkpoint(arch: str, checkpoint: str, sha256: str, projection_file: str, out: str,
+                    metadata: dict[str, str]) -> dict:
+    """Fold P into the image tower's last linear map → an ordinary checkpoint of the same architecture."""
+    P, _ = load_projection(projection_file)
+    digest_out = fold_checkpoint(loaded_model(arch, checkpoint, sha256), P, Path(out), metadata)
+    get_run_logger().info("unlearned checkpoint %s: sha256 %s", out, digest_out)
+    return {"path": out, "sha256": digest_out}

@@ -1,0 +1,98 @@
+"""The layer rule of docs/DESIGN.md, checked on every import statement (module level and inside functions).
+
+    clipforget.method  <-  clipforget.gate  <-  clipforget.io  <-  clipforget.governance  <-  clipforget (run, API)
+                                                                                           <-  tasks  <-  flows
+
+A module may import its own layer and the layers left of it, never one to its right. The method and the gate
+import no orchestration or service client at all (no Prefect, MLflow or boto3): a GPU worker needs torch and
+open_clip only.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = ["clipforget.method", "clipforget.gate", "clipforget.io", "clipforget.governance", "clipforget", "tasks",
+         "flows"]
+SERVICES = ("prefect", "prefect_ray", "mlflow", "boto3", "botocore", "ray")
+PURE = {"clipforget.method", "clipforget.gate"}
+
+
+def layer(module: str) -> int | None:
+    """The layer of a first-party module (its longest matching prefix in ORDER), None for third-party ones."""
+    best = None
+    for i, prefix in enumerate(ORDER):
+        if module == prefix or module.startswith(prefix + "."):
+            if best is None or len(prefix) > len(ORDER[best]):
+                best = i
+    return best
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """(line, imported module) for every import in the file, relative imports resolved."""
+    out = []
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(up + ([base] if base else []))
+            out.append((node.lineno, base))
+            out += [(node.lineno, f"{base}.{a.name}") for a in node.names if layer(f"{base}.{a.name}") is not None
+                    and (ROOT / Path(*f"{base}.{a.name}".split("."))).is_dir()]
+    return out
+
+
+def sources() -> list[Path]:
+    return sorted(p for top in ("clipforget", "tasks", "flows") for p in (ROOT / top).rglob("*.py"))
+
+
+def violations(files: list[Path]) -> list[str]:
+    found = []
+    for path in files:
+        me = module_name(path)
+        mine = layer(me)
+        assert mine is not None, me
+        for line, target in imports(path):
+            theirs = layer(target)
+            where = f"{path.relative_to(ROOT)}:{line}"
+            if theirs is not None and theirs > mine:
+                found.append(f"{where}: {me} ({ORDER[mine]}) imports {target} ({ORDER[theirs]})")
+            if ORDER[mine] in PURE and target.split(".")[0] in SERVICES:
+                found.append(f"{where}: {me} is pure method/gate code but imports {target}")
+    return found
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    files = sources()
+    assert len(files) > 40  # the scan sees the whole code base
+    assert violations(files) == []
+
+
+@pytest.mark.parametrize("source, bad", [
+    ("from clipforget.io.registry import register\n", "clipforget.method"),  # core -> adapter
+    ("from tasks.common import work_root\n", "clipforget.io"),  # adapter -> tasks
+    ("import flows.pipeline\n", "tasks"),  # tasks -> flows
+    ("def f():\n    from prefect import task\n", "clipforget.gate"),  # pure code -> orchestration, in a function
+    ("from clipforget.governance import ledger\n", "clipforget.gate"),  # a package import counts as its layer
+])
+def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch, source, bad):
+    package = ROOT.joinpath(*bad.split("."))
+    probe = package / "_layer_probe_test.py"  # a real file in that layer, removed at once
+    probe.write_text(source)
+    try:
+        assert len(violations([probe])) == 1
+    finally:
+        probe.unlink()
