@@ -19,7 +19,7 @@ import time
 import torch
 from results import render_features  # bench/results.py, beside this script
 
-from clipforget.governance.request import ForgetGroup, Thresholds, cumulative_mode, gate_checks
+from clipforget.gate.verdict import ForgetGroup, Thresholds, cumulative_mode, gate_checks
 from clipforget.io.atomic import write_json
 from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
 from clipforget.io.checkpoints import load_model

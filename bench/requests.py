@@ -30,7 +30,7 @@ import torch
 from clipforget.forget import heldout_config
 from clipforget.gate.criteria import FORGET_CELL_LIMIT
 from clipforget.gate.probe import residual_probe
-from clipforget.governance.request import ForgetGroup, Thresholds, cumulative_mode, gate_checks
+from clipforget.gate.verdict import ForgetGroup, Thresholds, cumulative_mode, gate_checks
 from clipforget.io.atomic import write_json, write_text
 from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
 from clipforget.io.checkpoints import load_model

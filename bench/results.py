@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipforget.forget import Outcome
 from clipforget.gate.criteria import mode_checks
+from clipforget.gate.verdict import Outcome
 from clipforget.io.atomic import write_json, write_text
 from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
 from clipforget.io.checkpoints import load_model

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from clipforget.gate.verdict import ForgetGroup, Thresholds, judge
 from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
 from clipforget.io.checkpoints import LoadedModel, save_checkpoint
-from clipforget.method.evaluate import EvalReport, LabelledImages, ZeroShotClassifier, image_features
+from clipforget.method.evaluate import LabelledImages, ZeroShotClassifier, image_features
 from clipforget.method.fold import fold_projection
 from clipforget.method.grid import Cell, Grid, forget_cells, retain_cells
 from clipforget.method.nullspace import Projection
@@ -29,48 +30,6 @@ HELDOUT_SEED_OFFSET = 1_000_003  # held-out prototypes never share a seed with t
 def heldout_config(synthesis: SynthesisConfig, per_cell: int) -> SynthesisConfig:
     """Synthesis settings of the held-out prototypes used for data-free validation."""
     return replace(synthesis, seed=synthesis.seed + HELDOUT_SEED_OFFSET, prototypes_per_cell=per_cell)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """Accuracy before/after over forget and retain cells, and the cell that suffered most."""
-
-    forget_before: float
-    forget_after: float
-    forget_max_after: float
-    retain_before: float
-    retain_after: float
-    retain_drop: float
-    retain_max_cell_drop: float
-    worst_retain_cell: str
-
-    @classmethod
-    def measure(cls, before: EvalReport, after: EvalReport, forget: Sequence[Cell]) -> Outcome:
-        fb, fa = before.by_cell(), after.by_cell()
-        gone = set(forget)
-        f_cells = [c for c in fa if c in gone]
-        r_cells = [c for c in fa if c not in gone]
-        drops = {c: fb[c].accuracy - fa[c].accuracy for c in r_cells}
-        worst = max(drops, key=lambda c: drops[c]) if drops else None
-        return cls(
-            forget_before=before.mean_over(f_cells),
-            forget_after=after.mean_over(f_cells),
-            forget_max_after=max((fa[c].accuracy for c in f_cells), default=float("nan")),
-            retain_before=before.mean_over(r_cells),
-            retain_after=after.mean_over(r_cells),
-            retain_drop=before.mean_over(r_cells) - after.mean_over(r_cells),
-            retain_max_cell_drop=drops[worst] if worst else 0.0,
-            worst_retain_cell=str(worst) if worst else "",
-        )
-
-
-def cell_table(before: EvalReport, after: EvalReport, forget: Sequence[Cell]) -> list[dict]:
-    gone, fa = set(forget), after.by_cell()
-    return [
-        {"class": s.cls, "domain": s.domain, "role": "forget" if s.cell in gone else "retain",
-         "before": s.accuracy, "after": fa[s.cell].accuracy, "n": s.n}
-        for s in before.cells
-    ]
 
 
 @dataclass
@@ -157,8 +116,12 @@ def run_forget(
     templates: TemplateSet | None = None,
     progress: Callable[[dict], None] | None = None,
     bank: PrototypeBank | None = None,
+    thresholds: Thresholds | None = None,
 ) -> ForgetResult:
-    """The whole core method for one request; writes the unlearned checkpoint to `out`."""
+    """The whole core method for one request; writes the unlearned checkpoint to `out`.
+
+    The report holds the gate's verdict (`passed`, `checks`, `rejected`) by the same rules the pipeline
+    registers on (the mode's criteria, plus `thresholds`); the checkpoint is written either way."""
     t0 = time.perf_counter()
     # fail on a bad request or a bad data folder before any costly work
     forget_cells(grid, mode, classes, domains)
@@ -172,6 +135,7 @@ def run_forget(
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
     before = classifier.evaluate(image_features(loaded.model, evalset.pixels), evalset.cells)
     after = classifier.evaluate(image_features(unlearned, evalset.pixels), evalset.cells)
+    verdict = judge([ForgetGroup(mode, tuple(forget))], before, after, thresholds)
     timings["evaluate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     digest = save_checkpoint(unlearned.state_dict(), out, metadata={
@@ -189,10 +153,8 @@ def run_forget(
         "prototypes": protos.summary(),
         "evaluation": {"data": str(data) if data is not None else f"held-out prototypes ({heldout_per_cell}/cell)",
                        "images": len(evalset.cells)},
-        "metrics": asdict(Outcome.measure(before, after, forget)),
-        "cells": cell_table(before, after, forget),
-        "before": before.to_dict(),
-        "after": after.to_dict(),
+        **{k: v for k, v in verdict.to_dict().items() if k != "evaluation"},
+        "rejected": verdict.rejected(),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     return ForgetResult(unlearned, projection, forget, retain, protos, report)

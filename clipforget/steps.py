@@ -11,7 +11,6 @@ import copy
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -148,7 +147,3 @@ def evaluate_pair(base: LoadedModel, unlearned: LoadedModel, images: LabelledIma
     before = classifier.evaluate(image_features(base.model, images.pixels), images.cells)
     after = classifier.evaluate(image_features(unlearned.model, images.pixels), images.cells)
     return before, after
-
-
-def checks_table(checks: Sequence) -> list[dict]:
-    return [c.to_dict() if hasattr(c, "to_dict") else asdict(c) for c in checks]

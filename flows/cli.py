@@ -299,7 +299,8 @@ def unlearn_cmd(
     """Run the Prefect pipeline: fetch, unlearn, validate, and register the model in MLflow if it passes."""
     import pydantic
 
-    from clipforget.governance.request import SynthesisSettings, Thresholds, UnlearnRequest
+    from clipforget.gate.verdict import Thresholds
+    from clipforget.governance.request import SynthesisSettings, UnlearnRequest
     from clipforget.method.grid import forget_cells, parse_names
 
     cls_list, dom_list = parse_names(classes), parse_names(domains)

@@ -15,8 +15,10 @@ from pathlib import Path
 from prefect import get_run_logger
 
 from clipforget.forget import heldout_config
-from clipforget.governance.request import ForgetGroup, ModelPolicy, cumulative_mode
+from clipforget.gate.verdict import ForgetGroup, cumulative_mode, rejection
+from clipforget.governance.request import ModelPolicy
 from clipforget.io.atomic import write_json
+from clipforget.io.registry import Registration
 from clipforget.method.grid import Grid, forget_cells, resolve_grid, retain_cells
 from clipforget.method.projection import default_config
 from clipforget.steps import cell_names
@@ -181,26 +183,18 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     params = {"mode": build.mode, "arch": policy.arch, **build.params,
               **{f"synthesis.{k}": v for k, v in asdict(synthesis).items()},
               **{f"nullspace.{k}": v for k, v in nullspace.to_dict().items()}}
+    record = Registration(request_id=build.version_id, request_digest=build.version_digest,
+                          requested_by=build.requested_by, arch=policy.arch, grid=grid.name, mode=build.mode,
+                          forget_cells=tuple(cell_names(forget)), base_sha256=base["sha256"],
+                          sha256=unlearned["sha256"], metrics=verdict["metrics"])
     report["registered"] = register_model(
-        policy.registered_name, build.version_id, build.version_digest, build.requested_by, policy.arch, grid_dict,
-        build.mode, cell_names(forget), base["sha256"], unlearned, projection["path"], _example(data_path, heldout),
-        verdict["metrics"], params, {k: v for k, v in report.items() if k not in ("before", "after")}, promote,
-        build.tags, pictures)
+        name=policy.registered_name, record=record, grid=grid_dict, unlearned=unlearned["path"],
+        projection_file=projection["path"], example=_example(data_path, heldout), params=params,
+        report={k: v for k, v in report.items() if k not in ("before", "after")}, promote=promote,
+        extra_tags=build.tags, pictures=pictures)
     step("register", t)
     logger.info("approved: %s version %s", policy.registered_name, report["registered"]["version"])
     return done()
-
-
-def rejection(check: dict) -> str:
-    """Why a check did not pass, in one phrase: a measured miss, or evidence too thin to decide."""
-    if check.get("status") == "not enough evidence":
-        return (f"{check['name']}: not enough evidence (n={check.get('n')}: the upper bound {check['value']:.4f} "
-                f"cannot fall under {check['limit']:.4f})")
-    why = f"{check['name']} {check['value']:.4f} > {check['limit']:.4f}"
-    if "upper bound" in str(check.get("rule", "")):
-        where = f", {check['cell']}" if check.get("cell") else ""
-        why += f" (95% upper bound; measured {check['estimate']:.4f} on n={check['n']}{where})"
-    return why
 
 
 def heldout_images(policy: ModelPolicy, base: dict, grid: Grid, text: str | None = None) -> tuple[dict, dict]:

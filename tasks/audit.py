@@ -7,8 +7,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from clipforget.gate.verdict import Thresholds
 from clipforget.governance import compliance
-from clipforget.governance.request import Thresholds
 from clipforget.io import registry
 from clipforget.io.checkpoints import sha256_file
 from tasks.common import work_root
@@ -28,11 +28,12 @@ def audit_model(arch: str, base: dict, model: dict, grid: dict, groups: list[dic
                 synthesis: dict | None = None, data_uri: str | None = None) -> dict:
     """Per-cell accuracy of the base and the audited model, the policy's checks over every ledger group,
     and the forgotten cells the model recognizes again."""
-    m = measure(arch, base, model, grid, groups, thresholds, data_path, heldout_files, synthesis, data_uri)
-    limits = compliance.forget_limits(m.groups, Thresholds(**thresholds))
-    recognized = compliance.recognized_again(m.table, limits)
-    return {"evaluation": m.evaluation, "checks": m.checks, "metrics": m.metrics, "cells": m.table, "limits": limits,
-            "recognized": recognized.to_dict() if recognized else None}
+    verdict = measure(arch, base, model, grid, groups, thresholds, data_path, heldout_files, synthesis, data_uri)
+    out = verdict.to_dict()
+    limits = compliance.forget_limits(list(verdict.groups), Thresholds(**thresholds))
+    recognized = compliance.recognized_again(out["cells"], limits)
+    return {"evaluation": verdict.evaluation, "checks": out["checks"], "metrics": out["metrics"], "cells": out["cells"],
+            "limits": limits, "recognized": recognized.to_dict() if recognized else None}
 
 
 @task(name="publish_governance_report", retries=2, retry_delay_seconds=5)

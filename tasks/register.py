@@ -31,30 +31,29 @@ def _example_image(path: str):
 
 # idempotent per request id, so a retry after a dropped connection cannot register twice
 @task(name="register_model", retries=2, retry_delay_seconds=5)
-def register_model(name: str, request_id: str, request_digest: str, requested_by: str, arch: str, grid: dict, mode: str,
-                   forget: list[str], base_sha256: str, unlearned: dict, projection_file: str, example: str,
-                   metrics: dict, params: dict, report: dict, promote: bool, extra_tags: dict | None = None,
+def register_model(*, name: str, record: registry.Registration, grid: dict, unlearned: str, projection_file: str,
+                   example: str, params: dict, report: dict, promote: bool, extra_tags: dict | None = None,
                    pictures: dict | None = None) -> dict:
-    """Log the pickle-free pyfunc, register it under `name` with its model card, alias `candidate` (and
-    `champion` on promotion); `pictures` ({name: PNG}) go to the run and are linked from the Prefect run."""
+    """Log the pickle-free pyfunc of the checkpoint `unlearned`, register it under `name` with its model card and
+    the record's tags (plus `extra_tags`), alias `candidate` (and `champion` on promotion); `pictures`
+    ({name: PNG}) go to the run and are linked from the Prefect run."""
     from clipforget.io.checkpoints import load_model
     from clipforget.method.evaluate import ZeroShotClassifier
     from tasks.pictures import picture_artifacts
 
     logger = get_run_logger()
     g = _grid(grid)
-    model = load_model(arch, unlearned["path"])
+    model = load_model(record.arch, unlearned)
     classifier = ZeroShotClassifier(model.model, model.tokenizer, g).weights  # text tower as the base's
-    workdir = Path(unlearned["path"]).parent / "package"
-    artifacts = registry.package_model(workdir, Path(unlearned["path"]), arch, Path(projection_file),
+    workdir = Path(unlearned).parent / "package"
+    artifacts = registry.package_model(workdir, Path(unlearned), record.arch, Path(projection_file),
                                        g.classes, classifier, grid)
-    tags = registry.version_tags(request_id, request_digest, requested_by, mode, forget, base_sha256,
-                                 unlearned["sha256"], arch, grid["name"], metrics)
-    tags.update(extra_tags or {})
-    rv = registry.register(name, request_id, artifacts, g.classes, _example_image(example), tags, params,
-                           metrics, report, promote, pictures=pictures)
+    tags = {**record.tags(), **(extra_tags or {})}
+    rv = registry.register(name, record.request_id, artifacts, g.classes, _example_image(example), tags, params,
+                           record.metrics, report, promote, pictures=pictures)
     if rv.created:
-        picture_artifacts(request_id, registry.show(f"{name}/{rv.version}")["pictures"], f"{name} version {rv.version}")
+        picture_artifacts(record.request_id, registry.show(f"{name}/{rv.version}")["pictures"],
+                          f"{name} version {rv.version}")
     logger.info("%s version %s of %s (aliases: %s)", "registered" if rv.created else "already registered as",
                 rv.version, rv.name, ", ".join(rv.aliases) or "none")
     return rv.to_dict()

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from clipforget.forget import Outcome, cell_table
-from clipforget.governance.request import ForgetGroup, Thresholds, gate_checks
+from clipforget.gate.verdict import ForgetGroup, Thresholds, Verdict, judge
 from clipforget.io.bank import load_prototypes
-from clipforget.method.evaluate import EvalReport, LabelledImages
-from clipforget.method.grid import Cell, Grid
+from clipforget.method.evaluate import LabelledImages
+from clipforget.method.grid import Grid
 from clipforget.method.synthesis import SynthesisConfig
-from clipforget.steps import checks_table, evaluate_pair, parse_cells
+from clipforget.steps import evaluate_pair, parse_cells
 from tasks.common import loaded_model
 
 
@@ -60,26 +58,11 @@ def evaluation_images(base_model, grid: Grid, data_path: str | None, heldout_fil
     return images, f"held-out prototypes ({len(images.cells)} images; data-free)"
 
 
-@dataclass
-class Measured:
-    """A model measured against its base on the same images, judged for some forget groups."""
-
-    groups: list[ForgetGroup]
-    forget: list[Cell]
-    before: EvalReport
-    after: EvalReport
-    checks: list[dict]
-    metrics: dict
-    table: list[dict]  # per cell: class, domain, role, before, after, n
-    evaluation: str
-    images: int
-
-
 def measure(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], thresholds: dict,
             data_path: str | None, heldout_files: list[str] | None, synthesis: dict | None,
-            data_uri: str | None) -> Measured:
-    """Per-cell accuracy of the base and `model` ({path}) and the gate's checks over the forget groups
-    ([{mode, cells}]: one for a request, several for a cumulative ledger build)."""
+            data_uri: str | None) -> Verdict:
+    """Per-cell accuracy of the base and `model` ({path}) on the same images and the gate's verdict over the
+    forget groups ([{mode, cells}]: one for a request, several for a cumulative ledger build)."""
     from clipforget.io.checkpoints import load_model
 
     g = Grid(grid["name"], tuple(grid["classes"]), tuple(grid["domains"]))
@@ -87,10 +70,7 @@ def measure(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], 
     images, evaluation = evaluation_images(base_model, g, data_path, heldout_files, synthesis, data_uri)
     before, after = evaluate_pair(base_model, load_model(arch, model["path"]), images, g)
     forget_groups = [ForgetGroup(x["mode"], tuple(parse_cells(x["cells"]))) for x in groups]
-    forget = list(dict.fromkeys(c for x in forget_groups for c in x.cells))
-    checks = checks_table(gate_checks(forget_groups, before, after, Thresholds(**thresholds)))
-    return Measured(forget_groups, forget, before, after, checks, asdict(Outcome.measure(before, after, forget)),
-                    cell_table(before, after, forget), evaluation, len(images.cells))
+    return judge(forget_groups, before, after, Thresholds(**thresholds), evaluation)
 
 
 @task(name="validate")
@@ -102,17 +82,16 @@ def validate(request_id: str, arch: str, base: dict, unlearned: dict, grid: dict
     Returns {passed, checks, metrics, cells, before, after, evaluation}; registration follows only if passed.
     """
     logger = get_run_logger()
-    m = measure(arch, base, unlearned, grid, groups, thresholds, data_path, heldout_files, synthesis, data_uri)
-    checks, metrics, table = m.checks, m.metrics, m.table
-    passed = all(c["passed"] for c in checks)
-    mode = "+".join(dict.fromkeys(g.mode for g in m.groups))
-    forget = [str(c) for c in m.forget]
-    create_markdown_artifact(summary_markdown(request_id, mode, forget, passed, metrics, checks, m.evaluation),
+    verdict = measure(arch, base, unlearned, grid, groups, thresholds, data_path, heldout_files, synthesis, data_uri)
+    out = verdict.to_dict()
+    checks, metrics, table, passed = out["checks"], out["metrics"], out["cells"], out["passed"]
+    forget = [str(c) for c in verdict.forget]
+    create_markdown_artifact(summary_markdown(request_id, verdict.mode, forget, passed, metrics, checks,
+                                              verdict.evaluation),
                              key=artifact_key(request_id, "summary"), description="unlearning verdict and checks")
     create_table_artifact([{**r, "before": round(r["before"], 4), "after": round(r["after"], 4)} for r in table],
                           key=artifact_key(request_id, "cells"), description="per-cell accuracy before/after")
     for c in checks:
         (logger.info if c["passed"] else logger.warning)("check %s: %.4f (limit %.4f) %s", c["name"], c["value"],
                                                          c["limit"], "passed" if c["passed"] else "FAILED")
-    return {"passed": passed, "checks": checks, "metrics": metrics, "cells": table, "before": m.before.to_dict(),
-            "after": m.after.to_dict(), "evaluation": {"data": m.evaluation, "images": m.images}}
+    return out

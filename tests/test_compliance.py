@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from clipforget.gate.verdict import ForgetGroup, Thresholds, cumulative_mode, gate_checks
 from clipforget.governance.compliance import forget_limits, markdown, plot_cells, recognized_again
-from clipforget.governance.request import DeletionRequest, ForgetGroup, Thresholds, cumulative_mode, gate_checks
+from clipforget.governance.request import DeletionRequest
 from clipforget.method.evaluate import CellScore, EvalReport
 from clipforget.method.grid import Cell, resolve_grid
 

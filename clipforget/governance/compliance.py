@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clipforget.gate.criteria import FORGET_CELL_LIMIT
-from clipforget.governance.request import ForgetGroup, Thresholds
+from clipforget.gate.verdict import ForgetGroup, Thresholds
 
 
 @dataclass(frozen=True)

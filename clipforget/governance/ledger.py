@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipforget.governance.request import ID_PATTERN
 from clipforget.io.storage import Location, is_transient, s3_client, with_retries
 from clipforget.method.grid import Cell, Grid, forget_cells
 
 GENESIS = "0" * 64
 _NAME = re.compile(r"^(\d{8})\.json$")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SAFE_ID = re.compile(ID_PATTERN)
 
 
 class LedgerError(RuntimeError):

@@ -1,8 +1,6 @@
-"""A forget request as it arrives at the pipeline (a pydantic model at the edge), and its gate.
-
-The gate is what stands between an unlearned model and the registry: the mode's acceptance criteria
-(`criteria.mode_checks`) plus the request's own thresholds, each reported with its measured value.
-"""
+"""A forget request as it arrives at the pipeline (pydantic models at the edge): the model policy it runs
+under, the deletion request a ledger records, and the one-shot request of `clipforget unlearn`. How the
+result is judged is the gate's business (`clipforget.gate.verdict`)."""
 
 from __future__ import annotations
 
@@ -10,17 +8,15 @@ import getpass
 import hashlib
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from clipforget.gate.criteria import Check, forget_cell_check, max_drop_check, mode_checks
-from clipforget.method.evaluate import EvalReport
-from clipforget.method.grid import Cell, Grid, forget_cells
-from clipforget.method.synthesis import SynthesisConfig
+from clipforget.gate.verdict import Thresholds
+from clipforget.io.storage import normalize_sha256
+from clipforget.method.grid import Cell, Grid, Mode, forget_cells
+from clipforget.method.synthesis import SynthesisConfig, default_target_cosine
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_JSON_BYTES = 1 << 20  # a request or policy file; anything larger is not a request
@@ -56,24 +52,6 @@ def _default_user() -> str:
         return "unknown"
 
 
-class Thresholds(BaseModel):
-    """Request thresholds, checked on top of the mode's criteria unless `mode_criteria` is off."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_forget_acc: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
-                                         description="largest accuracy a forget cell may keep")
-    max_retain_drop: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
-                                          description="largest accuracy drop of any retain cell")
-    mode_criteria: bool = Field(default=True, description="also apply the mode's acceptance criteria (criteria.py)")
-
-    @model_validator(mode="after")
-    def _some_check(self) -> Thresholds:
-        if not self.mode_criteria and self.max_forget_acc is None and self.max_retain_drop is None:
-            raise ValueError("without the mode's criteria give max_forget_acc or max_retain_drop: a gate needs a check")
-        return self
-
-
 class SynthesisSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -92,7 +70,7 @@ class SynthesisSettings(BaseModel):
                                   "validation")
 
     def config(self, arch: str) -> SynthesisConfig:
-        target = self.target_cosine if self.target_cosine is not None else (0.77 if arch == "toy" else 0.30)
+        target = self.target_cosine if self.target_cosine is not None else default_target_cosine(arch)
         return SynthesisConfig(prototypes_per_cell=self.prototypes_per_cell, steps=self.steps, target_cosine=target,
                                seed=self.seed, precision=self.precision)
 
@@ -122,12 +100,10 @@ class ModelPolicy(BaseModel):
     @field_validator("checkpoint_sha256")
     @classmethod
     def _hex(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        v = v.strip().lower().removeprefix("sha256:")
-        if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
-            raise ValueError("checkpoint_sha256 must be a sha256 hex digest")
-        return v
+        try:
+            return normalize_sha256(v, "checkpoint_sha256")
+        except ValueError:
+            raise ValueError("checkpoint_sha256 must be a sha256 hex digest") from None
 
     @field_validator("checkpoint_uri", "data_uri")
     @classmethod
@@ -155,7 +131,6 @@ class ModelPolicy(BaseModel):
         return hashlib.sha256(json.dumps(self.model_dump(exclude={"registered_name"}), sort_keys=True).encode()).hexdigest()
 
 
-Mode = Literal["global", "domain", "domain_complete"]
 
 
 class DeletionRequest(BaseModel):
@@ -207,54 +182,3 @@ class UnlearnRequest(ModelPolicy):
 
     def policy(self) -> ModelPolicy:
         return ModelPolicy(**self.model_dump(include=set(ModelPolicy.model_fields)))
-
-
-@dataclass(frozen=True)
-class ForgetGroup:
-    """The cells one request (or one mode of a cumulative ledger build) forgets, judged by that mode's criteria."""
-
-    mode: str
-    cells: tuple[Cell, ...]
-
-
-def group_checks(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalReport) -> list[Check]:
-    """The mode criteria of each group. With several modes, each mode is judged on its own forget cells
-    against the cells no request forgets (a cell another mode forgot is neither its forget nor its retain)."""
-    by_mode: dict[str, list[Cell]] = {}
-    for g in groups:
-        by_mode.setdefault(g.mode, [])
-        by_mode[g.mode] += [c for c in g.cells if c not in by_mode[g.mode]]
-    if len(by_mode) == 1:
-        mode, cells = next(iter(by_mode.items()))
-        return list(mode_checks(mode, before, after, cells))
-    checks = []
-    for mode, cells in by_mode.items():
-        others = {c for m, cs in by_mode.items() if m != mode for c in cs} - set(cells)
-        b, a = before.without(others), after.without(others)
-        checks += [replace(c, name=f"[{mode}] {c.name}") for c in mode_checks(mode, b, a, cells)]
-    return checks
-
-
-def cumulative_mode(modes: Sequence[str]) -> str:
-    """The mode whose default projection settings build a cumulative set: one mode is itself; a mix takes
-    the most protective of partially-forgotten classes (domain_complete, then domain, then global)."""
-    for m in ("domain_complete", "domain", "global"):
-        if m in modes:
-            return m
-    raise ValueError(f"no known mode in {list(modes)}")
-
-
-def gate_checks(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalReport,
-                thresholds: Thresholds) -> list[Check]:
-    """Every check the unlearned model must pass to be registered."""
-    checks = group_checks(groups, before, after) if thresholds.mode_criteria else []
-    forget = list(dict.fromkeys(c for g in groups for c in g.cells))
-    measured = after.by_cell()
-    if thresholds.max_forget_acc is not None:
-        checks.append(forget_cell_check("request: max forget-cell accuracy", after,
-                                        [c for c in forget if c in measured], thresholds.max_forget_acc))
-    retain = [c for c in before.by_cell() if c in measured and c not in set(forget)]
-    if thresholds.max_retain_drop is not None and retain:
-        checks.append(max_drop_check("request: max retain-cell drop", before, after, retain,
-                                     thresholds.max_retain_drop))
-    return checks

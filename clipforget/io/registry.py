@@ -75,14 +75,29 @@ class RegisteredVersion:
         return asdict(self)
 
 
-def version_tags(request_id: str, request_digest: str, requested_by: str, mode: str, forget_cells: Sequence[str],
-                 base_sha256: str, sha256: str, arch: str, grid: str, metrics: Mapping[str, float]) -> dict[str, str]:
-    tags = {TAG_REQUEST_ID: request_id, TAG_REQUEST_DIGEST: request_digest, TAG_REQUESTED_BY: requested_by,
-            TAG_MODE: mode,
-            TAG_FORGET_CELLS: ",".join(forget_cells)[:MAX_TAG_VALUE], TAG_BASE_SHA256: base_sha256,
-            TAG_SHA256: sha256, TAG_ARCH: arch, TAG_GRID: grid}
-    tags.update({f"{TAG_METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))})
-    return tags
+@dataclass(frozen=True, kw_only=True)
+class Registration:
+    """What an approved build records about itself in the registry: the version's tags are made from it."""
+
+    request_id: str  # the version's idempotency key: one request id, one version
+    request_digest: str  # of the request's content
+    requested_by: str
+    arch: str
+    grid: str  # the grid's name
+    mode: str
+    forget_cells: tuple[str, ...]
+    base_sha256: str
+    sha256: str  # of the unlearned checkpoint
+    metrics: Mapping[str, float]
+
+    def tags(self) -> dict[str, str]:
+        tags = {TAG_REQUEST_ID: self.request_id, TAG_REQUEST_DIGEST: self.request_digest,
+                TAG_REQUESTED_BY: self.requested_by, TAG_MODE: self.mode,
+                TAG_FORGET_CELLS: ",".join(self.forget_cells)[:MAX_TAG_VALUE], TAG_BASE_SHA256: self.base_sha256,
+                TAG_SHA256: self.sha256, TAG_ARCH: self.arch, TAG_GRID: self.grid}
+        tags.update({f"{TAG_METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in self.metrics.items()
+                     if isinstance(v, (int, float))})
+        return tags
 
 
 def find_version(name: str, request_id: str, uri: str | None = None) -> Any | None:

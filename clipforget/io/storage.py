@@ -162,7 +162,8 @@ def _check_digest(got: str, expected: str | None, uri: str) -> None:
         raise ChecksumMismatch(f"{uri}: sha256 mismatch: expected {expected}, got {got}; nothing was kept")
 
 
-def _normalize_digest(digest: str | None, what: str) -> str | None:
+def normalize_sha256(digest: str | None, what: str) -> str | None:
+    """A sha256 hex digest, lower case, without a `sha256:` prefix; None for none; ValueError naming `what`."""
     if digest is None or digest == "":
         return None
     d = digest.strip().lower().removeprefix("sha256:")
@@ -175,7 +176,7 @@ def fetch(uri: str | Path, sha256: str | None = None, cache: Path | None = None,
           backoff: float = 0.5, log: Callable[[str], None] | None = None) -> Fetched:
     """Fetch one file into the content-addressed cache and verify it; returns the cached path."""
     root = cache or cache_root()
-    expected = _normalize_digest(sha256, "the expected sha256")
+    expected = normalize_sha256(sha256, "the expected sha256")
     loc = Location.parse(uri)
     suffix = "".join(Path(loc.key).suffixes[-1:])
     if expected is not None and (hit := _blob_path(root, expected, suffix)).is_file():
@@ -202,7 +203,7 @@ def _fetch_s3(loc: Location, uri: str, expected: str | None, root: Path, suffix:
         if _client_error_code(e) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
             raise NotFoundError(f"{uri}: {_missing(client, loc.bucket)}") from None
         raise StorageError(f"{uri}: {_client_error_code(e) or type(e).__name__}: cannot read the object") from e
-    declared = _normalize_digest((head.get("Metadata") or {}).get("sha256"), f"{uri}'s sha256 metadata")
+    declared = normalize_sha256((head.get("Metadata") or {}).get("sha256"), f"{uri}'s sha256 metadata")
     if expected is not None and declared is not None and declared != expected:
         raise ChecksumMismatch(f"{uri}: its sha256 metadata {declared} differs from the expected {expected}")
     want = expected or declared

@@ -84,6 +84,15 @@ def hardware_summary(device: torch.device | str = "cpu") -> dict[str, str]:
     return out
 
 
+TOY_TARGET_COSINE = 0.77  # the toy model's image and text embeddings align closely
+OPEN_CLIP_TARGET_COSINE = 0.30  # pretrained CLIP: matched image-text pairs score around 0.3
+
+
+def default_target_cosine(arch: str) -> float:
+    """The early-stop cosine of synthesis when a request names none: it depends on how the model aligns."""
+    return TOY_TARGET_COSINE if arch == "toy" else OPEN_CLIP_TARGET_COSINE
+
+
 @dataclass(frozen=True)
 class SynthesisConfig:
     prototypes_per_cell: int = 8
@@ -91,7 +100,7 @@ class SynthesisConfig:
     # less momentum, a quieter full-resolution residual and half the augmentation reach the target in a
     # median of ~40 steps where the first settings (lr 0.08, beta1 0.9, residual 1, augment 1) needed > 300
     steps: int = 150
-    target_cosine: float = 0.77
+    target_cosine: float = TOY_TARGET_COSINE
     seed: int = 0
     lr: float = 0.2
     low_res: int = 16

@@ -6,7 +6,7 @@ image by image and a different seed gives images never seen in training.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,7 +252,3 @@ def render_cells(
             images.append(render_image(name, domain, seed, i))
             labels.append((name, domain))
     return np.stack(images), labels
-
-
-def all_cells(classes: Sequence[str] = CLASSES, domains: Sequence[str] = DOMAINS) -> list[tuple[str, str]]:
-    return [(c, d) for d in domains for c in classes]

@@ -9,7 +9,8 @@ import pytest
 from logcapture import run_log_lines
 from prefect.artifacts import Artifact
 
-from clipforget.governance.request import Thresholds, UnlearnRequest
+from clipforget.gate.verdict import Thresholds
+from clipforget.governance.request import UnlearnRequest
 from clipforget.io import registry
 
 NAME = "toy-unlearned"

@@ -44,7 +44,8 @@ def registered(s3, mlflow_server, prefect_harness, tmp_path_factory):
     """`forget star` through the unlearn flow, promoted, in a cache of its own with small synthesis settings (2
     prototypes per cell, 80 steps: seconds, not minutes), judged on the 2,000 rendered images.
     Warnings and warning log records of the run are kept."""
-    from clipforget.governance.request import SynthesisSettings, Thresholds
+    from clipforget.gate.verdict import Thresholds
+    from clipforget.governance.request import SynthesisSettings
     from flows.unlearn import unlearn
 
     cache = tmp_path_factory.mktemp("consumers-cache")
@@ -357,7 +358,8 @@ def test_promote_and_rollback_refuse_versions_that_do_not_cover_the_ledger(regis
 def test_a_rejected_build_logs_its_pictures_too(registered, servers, tmp_path):
     """Same request, settings and cache with limits no model meets: nothing is registered, but the run's report and
     pictures are in an MLflow run of their own, linked from the Prefect run."""
-    from clipforget.governance.request import SynthesisSettings, Thresholds
+    from clipforget.gate.verdict import Thresholds
+    from clipforget.governance.request import SynthesisSettings
     from flows.unlearn import unlearn
 
     m = registered["report"]["metrics"]

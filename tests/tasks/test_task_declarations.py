@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from clipforget.governance.request import Thresholds, UnlearnRequest
+from clipforget.gate.verdict import Thresholds
+from clipforget.governance.request import UnlearnRequest
 from clipforget.io import storage
 from clipforget.io.registry import parse_model_ref
 from tasks.build import build_nullspace, generate_prompts, synthesize_chunk

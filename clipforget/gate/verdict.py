@@ -1,0 +1,193 @@
+"""The verdict on an unlearned model: the checks of its forget groups, decided on evidence (docs/GATE.md).
+
+The gate is what stands between an unlearned model and the registry: each forget group's mode criteria
+(`criteria.mode_checks`) plus the request's own thresholds, each reported with its measured value, its
+uncertainty and the rule it was decided by. The CLI's `forget` and every flow judge through `judge`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from clipforget.gate.criteria import Check, forget_cell_check, max_drop_check, mode_checks
+from clipforget.method.evaluate import EvalReport
+from clipforget.method.grid import Cell
+
+
+class Thresholds(BaseModel):
+    """Request thresholds, checked on top of the mode's criteria unless `mode_criteria` is off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_forget_acc: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
+                                         description="largest accuracy a forget cell may keep")
+    max_retain_drop: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
+                                          description="largest accuracy drop of any retain cell")
+    mode_criteria: bool = Field(default=True, description="also apply the mode's acceptance criteria (criteria.py)")
+
+    @model_validator(mode="after")
+    def _some_check(self) -> Thresholds:
+        if not self.mode_criteria and self.max_forget_acc is None and self.max_retain_drop is None:
+            raise ValueError("without the mode's criteria give max_forget_acc or max_retain_drop: a gate needs a check")
+        return self
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Accuracy before/after over forget and retain cells, and the cell that suffered most."""
+
+    forget_before: float
+    forget_after: float
+    forget_max_after: float
+    retain_before: float
+    retain_after: float
+    retain_drop: float
+    retain_max_cell_drop: float
+    worst_retain_cell: str
+
+    @classmethod
+    def measure(cls, before: EvalReport, after: EvalReport, forget: Sequence[Cell]) -> Outcome:
+        fb, fa = before.by_cell(), after.by_cell()
+        gone = set(forget)
+        f_cells = [c for c in fa if c in gone]
+        r_cells = [c for c in fa if c not in gone]
+        drops = {c: fb[c].accuracy - fa[c].accuracy for c in r_cells}
+        worst = max(drops, key=lambda c: drops[c]) if drops else None
+        return cls(
+            forget_before=before.mean_over(f_cells),
+            forget_after=after.mean_over(f_cells),
+            forget_max_after=max((fa[c].accuracy for c in f_cells), default=float("nan")),
+            retain_before=before.mean_over(r_cells),
+            retain_after=after.mean_over(r_cells),
+            retain_drop=before.mean_over(r_cells) - after.mean_over(r_cells),
+            retain_max_cell_drop=drops[worst] if worst else 0.0,
+            worst_retain_cell=str(worst) if worst else "",
+        )
+
+
+def cell_table(before: EvalReport, after: EvalReport, forget: Sequence[Cell]) -> list[dict]:
+    gone, fa = set(forget), after.by_cell()
+    return [
+        {"class": s.cls, "domain": s.domain, "role": "forget" if s.cell in gone else "retain",
+         "before": s.accuracy, "after": fa[s.cell].accuracy, "n": s.n}
+        for s in before.cells
+    ]
+
+
+@dataclass(frozen=True)
+class ForgetGroup:
+    """The cells one request (or one mode of a cumulative ledger build) forgets, judged by that mode's criteria."""
+
+    mode: str
+    cells: tuple[Cell, ...]
+
+
+def group_checks(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalReport) -> list[Check]:
+    """The mode criteria of each group. With several modes, each mode is judged on its own forget cells
+    against the cells no request forgets (a cell another mode forgot is neither its forget nor its retain)."""
+    by_mode: dict[str, list[Cell]] = {}
+    for g in groups:
+        by_mode.setdefault(g.mode, [])
+        by_mode[g.mode] += [c for c in g.cells if c not in by_mode[g.mode]]
+    if len(by_mode) == 1:
+        mode, cells = next(iter(by_mode.items()))
+        return list(mode_checks(mode, before, after, cells))
+    checks = []
+    for mode, cells in by_mode.items():
+        others = {c for m, cs in by_mode.items() if m != mode for c in cs} - set(cells)
+        b, a = before.without(others), after.without(others)
+        checks += [replace(c, name=f"[{mode}] {c.name}") for c in mode_checks(mode, b, a, cells)]
+    return checks
+
+
+def cumulative_mode(modes: Sequence[str]) -> str:
+    """The mode whose default projection settings build a cumulative set: one mode is itself; a mix takes
+    the most protective of partially-forgotten classes (domain_complete, then domain, then global)."""
+    for m in ("domain_complete", "domain", "global"):
+        if m in modes:
+            return m
+    raise ValueError(f"no known mode in {list(modes)}")
+
+
+def gate_checks(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalReport,
+                thresholds: Thresholds) -> list[Check]:
+    """Every check the unlearned model must pass to be registered."""
+    checks = group_checks(groups, before, after) if thresholds.mode_criteria else []
+    forget = list(dict.fromkeys(c for g in groups for c in g.cells))
+    measured = after.by_cell()
+    if thresholds.max_forget_acc is not None:
+        checks.append(forget_cell_check("request: max forget-cell accuracy", after,
+                                        [c for c in forget if c in measured], thresholds.max_forget_acc))
+    retain = [c for c in before.by_cell() if c in measured and c not in set(forget)]
+    if thresholds.max_retain_drop is not None and retain:
+        checks.append(max_drop_check("request: max retain-cell drop", before, after, retain,
+                                     thresholds.max_retain_drop))
+    return checks
+
+
+def rejection(check: dict) -> str:
+    """Why a check did not pass, in one phrase: a measured miss, or evidence too thin to decide."""
+    if check.get("status") == "not enough evidence":
+        return (f"{check['name']}: not enough evidence (n={check.get('n')}: the upper bound {check['value']:.4f} "
+                f"cannot fall under {check['limit']:.4f})")
+    why = f"{check['name']} {check['value']:.4f} > {check['limit']:.4f}"
+    if "upper bound" in str(check.get("rule", "")):
+        where = f", {check['cell']}" if check.get("cell") else ""
+        why += f" (95% upper bound; measured {check['estimate']:.4f} on n={check['n']}{where})"
+    return why
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A model measured against its base on the same images and judged for its forget groups."""
+
+    groups: tuple[ForgetGroup, ...]
+    before: EvalReport
+    after: EvalReport
+    checks: tuple[Check, ...]
+    evaluation: str  # what the images were (a data URI, or held-out prototypes)
+
+    @property
+    def forget(self) -> list[Cell]:
+        return list(dict.fromkeys(c for g in self.groups for c in g.cells))
+
+    @property
+    def mode(self) -> str:
+        """One mode, or the modes of a cumulative build joined by '+'."""
+        return "+".join(dict.fromkeys(g.mode for g in self.groups))
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def images(self) -> int:
+        return sum(s.n for s in self.before.cells)
+
+    def outcome(self) -> Outcome:
+        return Outcome.measure(self.before, self.after, self.forget)
+
+    def check_dicts(self) -> list[dict]:
+        return [c.to_dict() for c in self.checks]
+
+    def rejected(self) -> str | None:
+        """Why the model is not registered, one phrase per check that did not pass; None when it passed."""
+        failed = [rejection(c) for c in self.check_dicts() if not c["passed"]]
+        return "; ".join(failed) or None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's verdict fields: passed, checks, metrics, cells, before, after, evaluation."""
+        return {"passed": self.passed, "checks": self.check_dicts(), "metrics": asdict(self.outcome()),
+                "cells": cell_table(self.before, self.after, self.forget), "before": self.before.to_dict(),
+                "after": self.after.to_dict(), "evaluation": {"data": self.evaluation, "images": self.images}}
+
+
+def judge(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalReport, thresholds: Thresholds | None = None,
+          evaluation: str = "") -> Verdict:
+    """The verdict: every check the unlearned model must pass to be registered, on these measurements."""
+    checks = gate_checks(groups, before, after, thresholds or Thresholds())
+    return Verdict(tuple(groups), before, after, tuple(checks), evaluation)
