@@ -1,5 +1,5 @@
 """`clipforget models ...`, `clipforget export` and `clipforget alerts ...`: what registry consumers and operators
-run. Registered in flows/cli.py; heavy imports happen inside each command."""
+run. Registered in flows/cli/__init__.py; heavy imports happen inside each command."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from typing import Any
 
 import typer
 
+from flows.cli.common import app
+
 models_app = typer.Typer(no_args_is_help=True, help="Registered unlearned models (MLflow registry).")
 alerts_app = typer.Typer(no_args_is_help=True, help="Prefect automations that react to governance findings.")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AUTOMATION_FILE = REPO / "infra" / "automations" / "governance-noncompliant.yaml"
 LEDGER = typer.Option(None, "--ledger", help="Ledger folder or s3://bucket/prefix/ (default: CLIPFORGET_LEDGER, "
                       "else ./ledger).")
@@ -185,8 +187,6 @@ def alerts_install(
                f"notify through {block}")
 
 
-def register(app: typer.Typer) -> None:
-    """Add these commands to the `clipforget` app."""
-    app.add_typer(models_app, name="models")
-    app.add_typer(alerts_app, name="alerts")
-    app.command("export")(export_cmd)
+app.add_typer(models_app, name="models")
+app.add_typer(alerts_app, name="alerts")
+app.command("export")(export_cmd)

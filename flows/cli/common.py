@@ -1,0 +1,154 @@
+"""What the `clipforget` commands share: the app and its groups, common options, input parsing, error exits."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Training- and data-free unlearning for CLIP.")
+toy_app = typer.Typer(no_args_is_help=True, help="The toy world: renderer and toy model.")
+app.add_typer(toy_app, name="toy")
+request_app = typer.Typer(no_args_is_help=True, help="Data-deletion requests and their ledger.")
+app.add_typer(request_app, name="request")
+
+MODEL = typer.Option("toy", "--model", help="'toy' or an open_clip architecture name such as ViT-B-32.")
+CHECKPOINT = typer.Option(None, "--checkpoint", help="Local checkpoint: safetensors or a torch state dict.")
+PRETRAINED = typer.Option(None, "--pretrained", help="open_clip pretrained tag (downloads from the model hub).")
+GRID = typer.Option(None, "--grid", help="toy, pacs, domainnet or a grid JSON file (default: toy for the toy "
+                    "model, else the folder given by --data).")
+DEVICE = typer.Option(None, "--device", help="torch device; default cuda when present, else cpu.")
+K = typer.Option(8, "--prototypes-per-cell", help="Synthesized prototypes per cell.")
+STEPS = typer.Option(150, "--steps", help="Synthesis steps (at most; images stop early at the target).")
+TARGET = typer.Option(None, "--target-cosine", help="Early-stop cosine (default 0.77 for the toy model, 0.30 else).")
+SEED = typer.Option(0, "--seed", help="Seed of prototype synthesis.")
+TEMPLATES = typer.Option(None, "--templates", help='Prompt templates JSON: {"domains": {"sketch": ["a sketch of a {}.", '
+                         '...]}, "class_only": ["a {}."]} (default: the built-in domain-aware templates).')
+PRECISION = typer.Option("auto", "--precision", help="Synthesis precision: auto (bf16 only where the hardware does "
+                         "it natively: CUDA with bf16, AVX512-BF16/AMX CPUs; else fp32), fp32 or bf16.")
+HELDOUT = typer.Option(20, "--heldout-per-cell", help="Held-out prototypes per cell for data-free evaluation "
+                       "(20: the fewest whose 95% upper bound can pass the 0.15 forget limit, docs/GATE.md).")
+
+
+class UserError(Exception):
+    """Bad input: reported on one line, exit code 2."""
+
+
+def _fail(e: BaseException) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+def _synthesis(model: str, k: int, steps: int, target: float | None, seed: int, precision: str = "auto") -> Any:
+    from clipforget.governance.request import SynthesisSettings
+
+    return SynthesisSettings(prototypes_per_cell=k, steps=steps, target_cosine=target, seed=seed,
+                             precision=precision).config(model)
+
+
+def _load(model: str, checkpoint: Path | None, pretrained: str | None, device: str | None) -> Any:
+    from clipforget.io.checkpoints import load_model
+
+    return load_model(model, checkpoint, pretrained, device)
+
+
+def _grid(spec: str | None, model: str, data: Path | None) -> Any:
+    from clipforget.method.data import grid_of_folder
+    from clipforget.method.grid import resolve_grid
+
+    if spec is not None:
+        return resolve_grid(spec)
+    if model == "toy":
+        return resolve_grid("toy")
+    if data is not None:
+        return grid_of_folder(data)
+    raise UserError("give --grid (pacs, domainnet or a JSON file) or --data for a model other than toy")
+
+
+def _templates(path: Path | None) -> Any:
+    from clipforget.method.prompts import TemplateSet
+
+    return TemplateSet.from_file(path) if path is not None else TemplateSet()
+
+
+def _progress(every_s: float = 2.0):
+    """Synthesis progress on stderr: one bar redrawn in place on a terminal, else a line every few seconds."""
+    import time
+
+    from clipforget.method.synthesis import format_progress
+
+    tty = sys.stderr.isatty()
+    last = [float("-inf")]
+
+    def show(p: dict) -> None:
+        now = time.monotonic()
+        final = p["done"] == p["total"]
+        if tty:
+            sys.stderr.write("\r" + format_progress(p) + ("\n" if final else ""))
+            sys.stderr.flush()
+        elif final or now - last[0] >= every_s:
+            last[0] = now
+            typer.echo(format_progress(p), err=True)
+    return show
+
+
+def _bank() -> Any:
+    """The prototype bank every command shares (CLIPFORGET_CACHE/prototypes, as the pipeline's)."""
+    from clipforget.io.bank import PrototypeBank
+    from clipforget.io.storage import cache_root
+
+    return PrototypeBank(cache_root() / "prototypes")
+
+
+def _user_errors():
+    from clipforget.io.checkpoints import ModelLoadError
+
+    return (UserError, ModelLoadError, ValueError, FileNotFoundError)
+
+
+LEDGER = typer.Option(None, "--ledger", help="Ledger folder or s3://bucket/prefix/ (default: CLIPFORGET_LEDGER, "
+                      "else ./ledger).")
+POLICY = typer.Option(None, "--policy", help="Model policy JSON: base checkpoint, grid, data, thresholds, synthesis, "
+                      "registered name (default: the bundled toy model, data-free validation, clipforget-toy).")
+
+
+def _validation_message(e: Any) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'request'}: {err['msg']}" for err in e.errors())
+
+
+def _load_model_json(cls: Any, path: Path | None, what: str) -> Any:
+    import pydantic
+
+    if path is None:
+        return cls()
+    from clipforget.governance.request import read_json_file
+
+    try:
+        return cls.model_validate_json(read_json_file(path, what))
+    except FileNotFoundError:
+        _fail(FileNotFoundError(f"{what} file {path} does not exist"))
+    except pydantic.ValidationError as e:
+        _fail(ValueError(f"{path}: {_validation_message(e)}"))
+    except ValueError as e:  # too large, not UTF-8
+        _fail(e)
+
+
+def _offline_prefect() -> None:
+    """Before a command runs flows: no telemetry, and SIGTERM/Ctrl-C stop it within seconds (flows/interrupt.py)."""
+    import os
+
+    from flows import interrupt
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline by default; no telemetry
+    interrupt.install(" ".join(["clipforget", *(a for a in sys.argv[1:3] if not a.startswith("-"))]))
+
+
+def _report_of(json_out: Path, state: Any) -> dict:
+    if not json_out.is_file():
+        typer.echo(f"error: the flow ended {state.type.value} before a report: {state.message}", err=True)
+        raise typer.Exit(1)
+    return json.loads(json_out.read_text())
