@@ -14,13 +14,13 @@ from pathlib import Path
 
 from prefect import get_run_logger
 
-from clipforget.forget import heldout_config
 from clipforget.gate.verdict import ForgetGroup, cumulative_mode, rejection
 from clipforget.governance.request import ModelPolicy
 from clipforget.io.atomic import write_json
 from clipforget.io.registry import Registration
 from clipforget.method.grid import Grid, forget_cells, resolve_grid, retain_cells
 from clipforget.method.projection import default_config
+from clipforget.runner import heldout_config
 from clipforget.steps import cell_names
 from flows.fanout import fill_bank_routed
 from tasks.build import build_nullspace, fold_into_checkpoint, generate_prompts

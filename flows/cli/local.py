@@ -91,9 +91,9 @@ def eval_cmd(
                                   "(MLflow pyfunc; needs --data)."),
 ) -> None:
     """Zero-shot accuracy per (class, domain) cell."""
-    from clipforget.forget import heldout_images
     from clipforget.io.atomic import write_json
     from clipforget.method.evaluate import LabelledImages, ZeroShotClassifier, image_features
+    from clipforget.runner import heldout_images
 
     if model_uri is not None:
         return _eval_registered(model_uri, data, json_out)
@@ -142,10 +142,10 @@ def forget_cmd(
     device: str = DEVICE,
 ) -> None:
     """Run the core method without orchestration: write the unlearned checkpoint and a report."""
-    from clipforget.forget import run_forget
     from clipforget.io.atomic import write_json
     from clipforget.method.grid import forget_cells, parse_names
     from clipforget.method.projection import default_config
+    from clipforget.runner import run_forget
 
     cls_list, dom_list = parse_names(classes), parse_names(domains)
     try:
