@@ -1,6 +1,6 @@
 """The pipeline body every flow shares: a policy and forget groups in, an approved version in the registry out.
 
-Reads as the numbered steps of DESIGN.md. Called from inside a flow (`unlearn`, `deletion-request`,
+Reads as the numbered steps of docs/DESIGN.md. Called from inside a flow (`unlearn`, `deletion-request`,
 `governance`): each step is a task of that flow run. A model that misses a threshold is never registered:
 the report says why and the caller ends its run Failed ("rejected").
 """

@@ -1,6 +1,6 @@
 """The unlearning pipeline: a base checkpoint in, an approved unlearned model in the MLflow registry out.
 
-Reads as the numbered steps of DESIGN.md. A model that misses a threshold is never registered: the
+Reads as the numbered steps of docs/DESIGN.md. A model that misses a threshold is never registered: the
 run ends Failed ("rejected") with the measured numbers in its artifacts and its JSON report.
 """
 

@@ -1,4 +1,4 @@
-"""The projections do what DESIGN.md says: soft is the ridge minimizer, hard removes forget directions
+"""The projections do what docs/DESIGN.md says: soft is the ridge minimizer, hard removes forget directions
 outside the retain subspace and leaves that subspace exactly in place."""
 
 import pytest

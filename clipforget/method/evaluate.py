@@ -1,4 +1,4 @@
-"""Zero-shot evaluation per (class, domain) cell (DESIGN.md step 6).
+"""Zero-shot evaluation per (class, domain) cell (docs/DESIGN.md, step 6).
 
 A class is predicted from domain-ensembled prompts (one classifier row per class: the mean of its
 prompts in every domain of the grid). Accuracy is measured on a labelled folder, or on images kept in

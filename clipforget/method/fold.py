@@ -1,4 +1,4 @@
-"""Fold a projection P into the image tower's last linear map (DESIGN.md step 5).
+"""Fold a projection P into the image tower's last linear map (docs/DESIGN.md, step 5).
 
 An image embedding is h = g(x) W; folding W' = W Pᵀ gives h' = P h, so the unlearned model is an
 ordinary checkpoint of the same architecture. The text tower is never touched.

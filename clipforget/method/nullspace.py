@@ -1,4 +1,4 @@
-"""Closed-form multimodal nullspace projections (arXiv 2512.14113, DESIGN.md step 4).
+"""Closed-form multimodal nullspace projections (arXiv 2512.14113, docs/DESIGN.md, step 4).
 
 Forget embeddings are the columns of F [d, n_f], retain embeddings the columns of R [d, n_r].
 

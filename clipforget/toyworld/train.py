@@ -1,9 +1,10 @@
 """Train the toy CLIP model on rendered toy-world images.
 
-Recipe (DESIGN.md, feasibility study): open_clip's ModifiedResNet image tower, a multi-positive
+Recipe: open_clip's ModifiedResNet image tower, a multi-positive
 contrastive loss over every distinct prompt each step (plain CLIP loss treats the many identical
 captions of a 40-cell world as negatives), pre-rendered images, shift/flip/channel-permutation
-augmentation, AdamW with warm-up then cosine, bf16 autocast on CPU.
+augmentation, AdamW with warm-up then cosine; bf16 autocast only on a CPU that computes bf16 natively
+(elsewhere it is many times slower than fp32), as prototype synthesis chooses.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from clipforget.io.checkpoints import TOY_ARCH, register_toy_config, save_checkpoint
 from clipforget.method.preprocess import image_normalizer
 from clipforget.method.prompts import TemplateSet
+from clipforget.method.synthesis import resolve_precision
 from clipforget.toyworld.render import CLASSES, DOMAINS, render_cells
 
 
@@ -35,6 +37,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup: int = 50
     max_shift: int = 4
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 only where the CPU does it natively)
 
 
 def _render_cell(args: tuple[str, str, int, int]) -> np.ndarray:
@@ -126,6 +129,7 @@ def train_toy_model(
         return config.lr * 0.5 * (1 + math.cos(math.pi * t))
 
     gen = torch.Generator().manual_seed(config.seed)
+    bf16 = resolve_precision(config.precision, "cpu") == "bf16"
     model.train()
     t1 = time.perf_counter()
     for step in range(config.steps):
@@ -134,7 +138,7 @@ def train_toy_model(
         idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
         x = normalize(augment(images[idx], config.max_shift, gen))
         positive = (cls[idx][:, None] == pc[None]) & ((dom[idx][:, None] == pd[None]) | (pd[None] == -1))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             img = F.normalize(model.encode_image(x), dim=-1)
             txt = F.normalize(model.encode_text(tokens), dim=-1)
             logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
