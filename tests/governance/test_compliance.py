@@ -1,10 +1,10 @@
-"""Cumulative gates over several requests, and the governance audit's findings and report (no model needed)."""
+"""The governance audit's findings and report, and requests against the grid (no model needed)."""
 
 from __future__ import annotations
 
 import pytest
 
-from clipforget.gate.verdict import ForgetGroup, Thresholds, cumulative_mode, gate_checks
+from clipforget.gate.verdict import ForgetGroup, Thresholds
 from clipforget.governance.compliance import forget_limits, markdown, plot_cells, recognized_again
 from clipforget.governance.request import DeletionRequest
 from clipforget.method.evaluate import CellScore, EvalReport
@@ -18,42 +18,6 @@ HOUSE_SKETCH = ForgetGroup("domain", (Cell("house", "sketch"),))
 def report(acc: dict[Cell, float], default: float = 1.0) -> EvalReport:
     cells = [CellScore(c.cls, c.domain, acc.get(c, default), 50) for c in GRID.cells]
     return EvalReport(sum(s.accuracy for s in cells) / len(cells), cells)
-
-
-def test_each_mode_of_a_cumulative_set_is_judged_on_its_own_cells():
-    before = report({})
-    # 1 of 50 images still recognized: the 95% upper bound (0.091) is under the 0.15 limit
-    forgotten = {c: 0.02 for c in STAR.cells} | {Cell("house", "sketch"): 0.02}
-    after = report(forgotten)
-    checks = gate_checks([STAR, HOUSE_SKETCH], before, after, Thresholds())
-    assert [c.name for c in checks][:1] == ["[global] max forget-cell accuracy"]
-    assert all(c.passed for c in checks), checks
-    # house/sketch is the domain request's forget cell: the global request must not count it as a retain drop
-    global_mean_drop = next(c for c in checks if c.name == "[global] mean retain drop")
-    assert global_mean_drop.value == pytest.approx(0.0)
-
-    # house in another domain lost 0.2: the domain request's same-class limit (0.05) catches it
-    after = report(forgotten | {Cell("house", "photo"): 0.8})
-    failed = [c.name for c in gate_checks([STAR, HOUSE_SKETCH], before, after, Thresholds()) if not c.passed]
-    assert failed == ["[global] max retain-cell drop", "[domain] max drop, same class in kept domains"]
-
-
-def test_one_group_keeps_the_plain_mode_check_names():
-    checks = gate_checks([STAR], report({}), report({c: 0.0 for c in STAR.cells}), Thresholds(max_forget_acc=0.1))
-    assert [c.name for c in checks] == ["max forget-cell accuracy", "mean retain drop", "max retain-cell drop",
-                                        "request: max forget-cell accuracy"]
-
-
-def test_cumulative_mode_prefers_the_most_protective_defaults():
-    assert cumulative_mode(["global"]) == "global"
-    assert cumulative_mode(["global", "domain"]) == "domain"
-    assert cumulative_mode(["domain", "domain_complete", "global"]) == "domain_complete"
-
-
-def test_report_without_cells_reweights_accuracy():
-    r = report({Cell("star", "photo"): 0.0})
-    kept = r.without([Cell("star", "photo")])
-    assert len(kept.cells) == len(GRID.cells) - 1 and kept.accuracy == pytest.approx(1.0)
 
 
 def test_recognized_cells_are_named_worst_first_against_the_strictest_limit():

@@ -1,0 +1,131 @@
+"""The gate: checks decided on evidence (docs/GATE.md), cumulative sets, the typed verdict (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from clipforget.gate.criteria import (
+    FAILED,
+    PASSED,
+    UNRESOLVED,
+    forget_cell_check,
+    max_drop_check,
+    samples_for,
+    upper_bound,
+)
+from clipforget.gate.probe import residual_probe
+from clipforget.gate.verdict import ForgetGroup, Thresholds, cumulative_mode, gate_checks, judge
+from clipforget.method.evaluate import CellScore, EvalReport
+from clipforget.method.grid import Cell, resolve_grid
+
+GRID = resolve_grid("toy")
+STAR = ForgetGroup("global", tuple(Cell("star", d) for d in GRID.domains))
+HOUSE_SKETCH = ForgetGroup("domain", (Cell("house", "sketch"),))
+
+
+def report(acc: dict[Cell, float], default: float = 1.0, n: int = 50) -> EvalReport:
+    cells = [CellScore(c.cls, c.domain, acc.get(c, default), n) for c in GRID.cells]
+    return EvalReport(sum(s.accuracy for s in cells) / len(cells), cells)
+
+
+def paired(outcomes: dict[Cell, tuple[int, ...]], n: int = 50) -> EvalReport:
+    """A report with per-image outcomes (1 = right); cells not given are all right."""
+    full = {c: outcomes.get(c, (1,) * n) for c in GRID.cells}
+    cells = [CellScore(c.cls, c.domain, sum(o) / len(o), len(o)) for c, o in full.items()]
+    return EvalReport(sum(s.accuracy for s in cells) / len(cells), cells, full)
+
+
+def test_the_upper_bound_and_the_sample_size_it_needs():
+    # none of n recognized: the bound is 1 - 0.05^(1/n); a 0.15 limit needs 19 images, 0.50 needs 5
+    assert upper_bound(0, 19) == pytest.approx(1 - 0.05 ** (1 / 19))
+    assert upper_bound(0, 19) <= 0.15 < upper_bound(0, 18)
+    assert samples_for(0.15) == 19 and samples_for(0.50) == 5
+    assert upper_bound(1, 50) == pytest.approx(0.0913, abs=1e-3)
+    assert upper_bound(5, 50) > 0.15 and upper_bound(50, 50) == 1.0
+
+
+def test_a_forget_cell_passes_only_on_enough_evidence():
+    cell = [Cell("star", "photo")]
+    assert forget_cell_check("f", report({cell[0]: 1 / 50}), cell, 0.15).status == PASSED  # 1 of 50: bound 0.091
+    assert forget_cell_check("f", report({cell[0]: 5 / 50}), cell, 0.15).status == FAILED  # 5 of 50: bound 0.19
+    # 0 of 10 recognized is no proof of < 0.15: the gate says so rather than approve
+    thin = forget_cell_check("f", report({cell[0]: 0.0}, n=10), cell, 0.15)
+    assert thin.status == UNRESOLVED and not thin.passed and thin.n == 10
+
+
+def test_retain_drop_counts_paired_flips_not_two_noisy_rates():
+    c = Cell("heart", "sketch")
+    before = paired({c: (1,) * 45 + (0,) * 5})
+    # same accuracy after (0.90), but 5 images lost and 5 gained: no drop
+    swapped = paired({c: (0,) * 5 + (1,) * 45})
+    assert max_drop_check("d", before, swapped, [c], 0.05).estimate == pytest.approx(0.0)
+    # 4 of 50 lost: a drop of 0.08 > 0.05
+    worse = paired({c: (0,) * 4 + (1,) * 41 + (0,) * 5})
+    check = max_drop_check("d", before, worse, [c], 0.05)
+    assert check.estimate == pytest.approx(0.08) and not check.passed
+
+
+def test_the_verdict_names_why_a_model_is_rejected():
+    before = report({})
+    ok = judge([STAR], before, report({c: 0.0 for c in STAR.cells}), evaluation="render 7")
+    assert ok.passed and ok.rejected() is None and ok.mode == "global" and ok.images == 50 * len(GRID.cells)
+    d = ok.to_dict()
+    assert d["passed"] and d["evaluation"] == {"data": "render 7", "images": 2000}
+    assert {r["role"] for r in d["cells"]} == {"forget", "retain"} and d["metrics"]["forget_after"] == 0.0
+    bad = judge([STAR], before, report({c: 0.0 for c in STAR.cells} | {Cell("star", "sketch"): 0.3}))
+    assert not bad.passed
+    assert bad.rejected().startswith("max forget-cell accuracy") and "star/sketch" in bad.rejected()
+    assert "n=50" in bad.rejected()
+
+
+def test_the_probe_finds_a_separable_cell_and_not_a_merged_one():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    cells = [Cell("star", "photo"), Cell("heart", "photo"), Cell("tree", "photo"), Cell("house", "photo")]
+    centers = torch.eye(8)[: len(cells)] * 3
+    labels = [c for c in cells for _ in range(40)]
+    before = torch.stack([centers[cells.index(c)] for c in labels]) + torch.randn(len(labels), 8, generator=gen)
+    after = before.clone()
+    star_rows = [i for i, c in enumerate(labels) if c == cells[0]]
+    # after: star's embeddings are drawn from heart's distribution: nothing left to find
+    after[star_rows] = centers[1] + torch.randn(len(star_rows), 8, generator=gen)
+    (result,) = residual_probe(before, after, [(c.cls, c.domain) for c in labels], [cells[0]])
+    assert result.before > 0.95
+    assert result.after <= result.chance + 0.10
+
+
+def test_each_mode_of_a_cumulative_set_is_judged_on_its_own_cells():
+    before = report({})
+    # 1 of 50 images still recognized: the 95% upper bound (0.091) is under the 0.15 limit
+    forgotten = {c: 0.02 for c in STAR.cells} | {Cell("house", "sketch"): 0.02}
+    after = report(forgotten)
+    checks = gate_checks([STAR, HOUSE_SKETCH], before, after, Thresholds())
+    assert [c.name for c in checks][:1] == ["[global] max forget-cell accuracy"]
+    assert all(c.passed for c in checks), checks
+    # house/sketch is the domain request's forget cell: the global request must not count it as a retain drop
+    global_mean_drop = next(c for c in checks if c.name == "[global] mean retain drop")
+    assert global_mean_drop.value == pytest.approx(0.0)
+
+    # house in another domain lost 0.2: the domain request's same-class limit (0.05) catches it
+    after = report(forgotten | {Cell("house", "photo"): 0.8})
+    failed = [c.name for c in gate_checks([STAR, HOUSE_SKETCH], before, after, Thresholds()) if not c.passed]
+    assert failed == ["[global] max retain-cell drop", "[domain] max drop, same class in kept domains"]
+
+
+def test_one_group_keeps_the_plain_mode_check_names():
+    checks = gate_checks([STAR], report({}), report({c: 0.0 for c in STAR.cells}), Thresholds(max_forget_acc=0.1))
+    assert [c.name for c in checks] == ["max forget-cell accuracy", "mean retain drop", "max retain-cell drop",
+                                        "request: max forget-cell accuracy"]
+
+
+def test_cumulative_mode_prefers_the_most_protective_defaults():
+    assert cumulative_mode(["global"]) == "global"
+    assert cumulative_mode(["global", "domain"]) == "domain"
+    assert cumulative_mode(["domain", "domain_complete", "global"]) == "domain_complete"
+
+
+def test_report_without_cells_reweights_accuracy():
+    r = report({Cell("star", "photo"): 0.0})
+    kept = r.without([Cell("star", "photo")])
+    assert len(kept.cells) == len(GRID.cells) - 1 and kept.accuracy == pytest.approx(1.0)
