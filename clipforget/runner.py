@@ -23,6 +23,7 @@ from clipforget.method.nullspace import Projection
 from clipforget.method.projection import NullspaceConfig, cell_text_embeddings, fit_projection, text_targets
 from clipforget.method.prompts import TemplateSet
 from clipforget.method.synthesis import Prototypes, SynthesisConfig, synthesize
+from clipforget.steps import checkpoint_metadata
 
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out prototypes never share a seed with the forget set's
 
@@ -138,9 +139,8 @@ def run_forget(
     verdict = judge([ForgetGroup(mode, tuple(forget))], before, after, thresholds)
     timings["evaluate_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    digest = save_checkpoint(unlearned.state_dict(), out, metadata={
-        "clipforget.base_sha256": loaded.sha256 or "", "clipforget.arch": loaded.arch,
-        "clipforget.mode": mode, "clipforget.forget_cells": ",".join(map(str, forget))})
+    digest = save_checkpoint(unlearned.state_dict(), out, metadata=checkpoint_metadata(
+        base_sha256=loaded.sha256 or "", arch=loaded.arch, mode=mode, forget_cells=[str(c) for c in forget]))
     timings["save_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     report = {

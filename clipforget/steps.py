@@ -127,6 +127,17 @@ def build_projection_file(text_file: str | Path, prototypes: Prototypes | None, 
 
 # --- fold (step 5) ---
 
+def checkpoint_metadata(*, base_sha256: str, arch: str, mode: str, forget_cells: Sequence[str],
+                        request_id: str | None = None) -> dict[str, str]:
+    """The safetensors metadata of an unlearned checkpoint: what it was made from and what it forgets. It depends
+    on the build only, so a rebuild of the same request gives the same bytes."""
+    meta = {"clipforget.base_sha256": base_sha256, "clipforget.arch": arch, "clipforget.mode": mode,
+            "clipforget.forget_cells": ",".join(forget_cells)}
+    if request_id is not None:
+        meta["clipforget.request_id"] = request_id
+    return meta
+
+
 def fold_checkpoint(loaded: LoadedModel, P: torch.Tensor, out: Path, metadata: dict[str, str]) -> str:
     """Fold P into a copy of the model and save it as an ordinary checkpoint; returns its sha256."""
     model = copy.deepcopy(loaded.model)

@@ -21,7 +21,7 @@ from clipforget.io import registry
 from clipforget.io.atomic import write_json
 from clipforget.steps import cell_names
 from flows.deletion_request import build_at_head, version_id
-from flows.pipeline import fetch_inputs, groups_of, heldout_images
+from flows.pipeline import fetch_inputs, groups_of, heldout_prototypes
 from flows.runners import task_runner
 from tasks.alerts import emit_noncompliant
 from tasks.audit import audit_model, fetch_registered_weights, publish_governance_report
@@ -100,7 +100,7 @@ def governance(policy: ModelPolicy | None = None, ledger: str | None = None, pro
                 findings.append(Finding("coverage", f"champion version {champ['version']} was not built for request(s) "
                                         f"{', '.join(e.request_id for e, _ in missing)} (cells {', '.join(cells)})",
                                         cells))
-            heldout, heldout_cfg = heldout_images(policy, base, grid) if data_path is None else (None, None)
+            heldout, heldout_cfg = heldout_prototypes(policy, base, grid) if data_path is None else (None, None)
             audit = audit_model(policy.arch, base, weights,
                                 {"name": grid.name, "classes": list(grid.classes), "domains": list(grid.domains)},
                                 [{"mode": g.mode, "cells": cell_names(g.cells)} for g in groups],

@@ -21,7 +21,7 @@ from clipforget.io.registry import Registration
 from clipforget.method.grid import Grid, forget_cells, resolve_grid, retain_cells
 from clipforget.method.projection import default_config
 from clipforget.runner import heldout_config
-from clipforget.steps import cell_names
+from clipforget.steps import cell_names, checkpoint_metadata
 from flows.fanout import fill_bank_routed
 from tasks.build import build_nullspace, fold_into_checkpoint, generate_prompts
 from tasks.common import work_root
@@ -127,14 +127,13 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     t = time.perf_counter()
     unlearned = fold_into_checkpoint(policy.arch, base["path"], base["sha256"], projection["path"],
                                 str(run_dir / "unlearned.safetensors"),
-                                {"clipforget.base_sha256": base["sha256"], "clipforget.arch": policy.arch,
-                                 "clipforget.mode": build.mode, "clipforget.request_id": build.version_id,
-                                 "clipforget.forget_cells": ",".join(cell_names(forget))})
+                                checkpoint_metadata(base_sha256=base["sha256"], arch=policy.arch, mode=build.mode,
+                                                    forget_cells=cell_names(forget), request_id=build.version_id))
     step("fold", t)
 
     # 6. validate: before/after per cell on the data, else on fresh held-out prototypes
     t = time.perf_counter()
-    heldout, heldout_cfg = heldout_images(policy, base, grid, text) if data_path is None else (None, None)
+    heldout, heldout_cfg = heldout_prototypes(policy, base, grid, text) if data_path is None else (None, None)
     groups = [{"mode": g.mode, "cells": cell_names(g.cells)} for g in forget_groups]
     verdict = validate(build.version_id, policy.arch, base, unlearned, grid_dict, groups,
                        policy.thresholds.model_dump(), data_path, heldout["paths"] if heldout else None, heldout_cfg,
@@ -197,7 +196,7 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     return done()
 
 
-def heldout_images(policy: ModelPolicy, base: dict, grid: Grid, text: str | None = None) -> tuple[dict, dict]:
+def heldout_prototypes(policy: ModelPolicy, base: dict, grid: Grid, text: str | None = None) -> tuple[dict, dict]:
     """Fresh held-out prototypes of every cell, with images, for data-free validation: (synthesis result, config)."""
     cells = cell_names(grid.cells)
     if text is None:

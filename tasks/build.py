@@ -20,8 +20,7 @@ from prefect.cache_policies import NONE
 from clipforget.io.bank import load_prototypes
 from clipforget.method.projection import NullspaceConfig
 from clipforget.method.prompts import TemplateSet
-from clipforget.method.synthesis import SynthesisConfig, format_progress
-from clipforget.method.synthesis import synthesize as synthesize_images
+from clipforget.method.synthesis import SynthesisConfig, format_progress, synthesize
 from clipforget.steps import (
     build_projection_file,
     digest,
@@ -99,7 +98,7 @@ def synthesize_chunk(arch: str, checkpoint: str, sha256: str, cells: list[str], 
     device = str(next(model.parameters()).device)
     logger.info("synthesizing %d cells x %d prototypes on %s (%s, pid %d)", len(cells), config.prototypes_per_cell,
                 device, socket.gethostname(), os.getpid())
-    protos = synthesize_images(model, targets, parse_cells(cells), config, _progress_logger(),
+    protos = synthesize(model, targets, parse_cells(cells), config, _progress_logger(),
                                return_images=with_images)
     return {"cells": list(cells), "embeddings": protos.embeddings, "cosines": protos.cosines,
             "steps_used": protos.steps_used, "images": protos.images, "seconds": protos.seconds,

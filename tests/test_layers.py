@@ -82,12 +82,13 @@ def test_no_module_imports_a_layer_above_its_own():
 
 
 @pytest.mark.parametrize("source, bad", [
-    ("from clipforget.io.registry import register\n", "clipforget.method"),  # core -> adapter
-    ("from tasks.common import work_root\n", "clipforget.io"),  # adapter -> tasks
-    ("import flows.pipeline\n", "tasks"),  # tasks -> flows
-    ("def f():\n    from prefect import task\n", "clipforget.gate"),  # pure code -> orchestration, in a function
-    ("from clipforget.governance import ledger\n", "clipforget.gate"),  # a package import counts as its layer
-])
+    ("from clipforget.io.registry import register\n", "clipforget.method"),
+    ("from tasks.common import work_root\n", "clipforget.io"),
+    ("import flows.pipeline\n", "tasks"),
+    ("def f():\n    from prefect import task\n", "clipforget.gate"),
+    ("from clipforget.governance import ledger\n", "clipforget.gate"),
+], ids=["method imports an adapter", "adapter imports tasks", "tasks import flows",
+        "pure code imports prefect in a function", "gate imports the governance package"])
 def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch, source, bad):
     package = ROOT.joinpath(*bad.split("."))
     probe = package / "_layer_probe_test.py"  # a real file in that layer, removed at once
