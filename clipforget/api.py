@@ -60,9 +60,10 @@ def forget(model: LoadedModel, *, mode: str, out: str | Path, classes: Sequence[
     prototypes; `result.report["passed"]` is the gate's verdict, `result.model` the unlearned model.
     Prototypes come from (and go to) the machine's prototype bank unless another `bank` is given."""
     g = grid_for(model, grid, data)
-    return run_forget(model, g, mode, list(classes), list(domains), synthesis or synthesis_for(model),
-                      nullspace or default_config(mode), out, data, heldout_per_cell, progress=progress,
-                      bank=bank or default_bank(), thresholds=thresholds)
+    return run_forget(model, g, mode=mode, classes=list(classes), domains=list(domains),
+                      synthesis=synthesis or synthesis_for(model), nullspace=nullspace or default_config(mode), out=out,
+                      data=data, heldout_per_cell=heldout_per_cell, progress=progress, bank=bank or default_bank(),
+                      thresholds=thresholds)
 
 
 def evaluate(model: LoadedModel, *, data: str | Path | None = None, grid: str | Grid | None = None,

@@ -46,6 +46,7 @@ class ForgetResult:
 def unlearn_model(
     loaded: LoadedModel,
     grid: Grid,
+    *,
     mode: str,
     classes: Sequence[str],
     domains: Sequence[str],
@@ -106,6 +107,7 @@ def heldout_images(loaded: LoadedModel, grid: Grid, synthesis: SynthesisConfig, 
 def run_forget(
     loaded: LoadedModel,
     grid: Grid,
+    *,
     mode: str,
     classes: Sequence[str],
     domains: Sequence[str],
@@ -129,7 +131,8 @@ def run_forget(
     if data is not None:
         evalset = LabelledImages.from_folder(data, loaded.preprocess, grid)
     unlearned, projection, forget, retain, protos, timings = unlearn_model(
-        loaded, grid, mode, classes, domains, synthesis, nullspace, templates, progress, bank)
+        loaded, grid, mode=mode, classes=classes, domains=domains, synthesis=synthesis, nullspace=nullspace,
+        templates=templates, progress=progress, bank=bank)
     if data is None:
         evalset = heldout_images(loaded, grid, synthesis, heldout_per_cell, templates, progress, bank)
     t = time.perf_counter()

@@ -36,8 +36,8 @@ def _within(cells: list, subset: list) -> list:
 
 
 def fill_bank(arch: str, checkpoint: str, sha256: str, text_file: str, cells: list[str], synthesis: dict,
-               with_images: bool = False, cells_per_task: int | None = None,
-               gpus_per_task: float | None = None, checkpoint_uri: str | None = None) -> dict:
+              *, with_images: bool = False, cells_per_task: int | None = None,
+              gpus_per_task: float | None = None, checkpoint_uri: str | None = None) -> dict:
     """Visual prototypes per cell from the prototype bank, the missing cells synthesized by the flow's task runner.
 
     A plain function, not a task: called inside a flow, it submits one `synthesize_chunk` task per
@@ -124,8 +124,8 @@ SYNTHESIS_DEPLOYMENT_ENV = "CLIPFORGET_SYNTHESIS_DEPLOYMENT"
 
 
 def fill_bank_routed(arch: str, checkpoint: str, sha256: str, text_file: str, cells: list[str], synthesis: dict,
-                      with_images: bool = False, cells_per_task: int | None = None,
-                      gpus_per_task: float | None = None, checkpoint_uri: str | None = None) -> dict:
+                     *, with_images: bool = False, cells_per_task: int | None = None,
+                     gpus_per_task: float | None = None, checkpoint_uri: str | None = None) -> dict:
     """`fill_bank`, with the missing cells sent to the gpu pool when `CLIPFORGET_SYNTHESIS_DEPLOYMENT` is set.
 
     With the variable set (a deployment name such as `synthesize-prototypes/gpu`, of the flow in
@@ -142,8 +142,8 @@ def fill_bank_routed(arch: str, checkpoint: str, sha256: str, text_file: str, ce
     bank = PrototypeBank(work_root() / "prototypes")
     missing = _missing(bank, sha256, cells, config, with_images) if name else []
     if not missing:
-        return fill_bank(arch, checkpoint, sha256, text_file, cells, synthesis, with_images, cells_per_task,
-                          gpus_per_task, checkpoint_uri)
+        return fill_bank(arch, checkpoint, sha256, text_file, cells, synthesis, with_images=with_images,
+                         cells_per_task=cells_per_task, gpus_per_task=gpus_per_task, checkpoint_uri=checkpoint_uri)
     from prefect.deployments import run_deployment
 
     assert name is not None
@@ -164,6 +164,7 @@ def fill_bank_routed(arch: str, checkpoint: str, sha256: str, text_file: str, ce
         raise RuntimeError(f"deployment {name} completed (flow run {run.name}) but the prototype bank at {bank.root} "
                            f"still lacks {len(still)} cells: the gpu worker and this process must share "
                            "CLIPFORGET_CACHE (the same volume at the same path)")
-    out = fill_bank(arch, checkpoint, sha256, text_file, cells, synthesis, with_images, checkpoint_uri=checkpoint_uri)
+    out = fill_bank(arch, checkpoint, sha256, text_file, cells, synthesis, with_images=with_images,
+                    checkpoint_uri=checkpoint_uri)
     return {**out, "reused": len(cells) - len(_within(parse_cells(cells), missing)), "synthesized": len(missing),
             "seconds": round(time.perf_counter() - t0, 3)}  # precision: from `out`

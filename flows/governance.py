@@ -104,8 +104,9 @@ def governance(policy: ModelPolicy | None = None, ledger: str | None = None, pro
             audit = audit_model(policy.arch, base, weights,
                                 {"name": grid.name, "classes": list(grid.classes), "domains": list(grid.domains)},
                                 [{"mode": g.mode, "cells": cell_names(g.cells)} for g in groups],
-                                policy.thresholds.model_dump(), data_path, heldout["paths"] if heldout else None,
-                                heldout_cfg, policy.data_uri)
+                                thresholds=policy.thresholds.model_dump(), data_path=data_path,
+                                heldout_files=heldout["paths"] if heldout else None, synthesis=heldout_cfg,
+                                data_uri=policy.data_uri)
             report["audit"] = audit
             if audit["recognized"]:
                 findings.append(Finding(**audit["recognized"]))

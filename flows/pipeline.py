@@ -136,12 +136,14 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     heldout, heldout_cfg = heldout_prototypes(policy, base, grid, text) if data_path is None else (None, None)
     groups = [{"mode": g.mode, "cells": cell_names(g.cells)} for g in forget_groups]
     verdict = validate(build.version_id, policy.arch, base, unlearned, grid_dict, groups,
-                       policy.thresholds.model_dump(), data_path, heldout["paths"] if heldout else None, heldout_cfg,
-                       policy.data_uri)
+                       thresholds=policy.thresholds.model_dump(), data_path=data_path,
+                       heldout_files=heldout["paths"] if heldout else None, synthesis=heldout_cfg,
+                       data_uri=policy.data_uri)
     step("validate", t)
     # pictures: before/after heatmap and a prototype strip of the forgotten cells (tasks/pictures.py)
-    pictures = draw_pictures(build.version_id, policy.arch, base, text, grid_dict, verdict["cells"], cell_names(forget),
-                             asdict(synthesis), str(run_dir / "pictures"), heldout, cells) if register else None
+    pictures = draw_pictures(build.version_id, policy.arch, base, text, grid_dict, table=verdict["cells"],
+                             forget=cell_names(forget), synthesis=asdict(synthesis), out_dir=str(run_dir / "pictures"),
+                             heldout=heldout, cells=cells) if register else None
 
     report = {
         "request_id": build.version_id,

@@ -21,5 +21,5 @@ def synthesize_prototypes_flow(arch: str, checkpoint: str, sha256: str, text_fil
                                synthesis: dict, with_images: bool = False, checkpoint_uri: str | None = None) -> dict:
     """Prototypes of `cells` into the bank (only those it lacks); returns {paths, reused, synthesized, seconds}.
     A Ray worker without `checkpoint` on its disk fetches `checkpoint_uri` (s3:// or file://) instead."""
-    return fill_bank(arch, checkpoint, sha256, text_file, cells, synthesis, with_images,
-                      checkpoint_uri=checkpoint_uri)
+    return fill_bank(arch, checkpoint, sha256, text_file, cells, synthesis, with_images=with_images,
+                     checkpoint_uri=checkpoint_uri)

@@ -23,12 +23,13 @@ def fetch_registered_weights(name: str, version: str) -> dict:
 
 
 @task(name="audit_model")
-def audit_model(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], thresholds: dict,
+def audit_model(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], *, thresholds: dict,
                 data_path: str | None = None, heldout_files: list[str] | None = None,
                 synthesis: dict | None = None, data_uri: str | None = None) -> dict:
     """Per-cell accuracy of the base and the audited model, the policy's checks over every ledger group,
     and the forgotten cells the model recognizes again."""
-    verdict = measure(arch, base, model, grid, groups, thresholds, data_path, heldout_files, synthesis, data_uri)
+    verdict = measure(arch, base, model, grid, groups, thresholds=thresholds, data_path=data_path,
+                      heldout_files=heldout_files, synthesis=synthesis, data_uri=data_uri)
     out = verdict.to_dict()
     limits = compliance.forget_limits(list(verdict.groups), Thresholds(**thresholds))
     recognized = compliance.recognized_again(out["cells"], limits)

@@ -70,7 +70,7 @@ def _strip_images(arch: str, base: dict, text_file: str, forget: list[str], synt
 
 
 @task(name="draw_pictures")
-def draw_pictures(request_id: str, arch: str, base: dict, text_file: str, grid: dict, table: list[dict],
+def draw_pictures(request_id: str, arch: str, base: dict, text_file: str, grid: dict, *, table: list[dict],
                   forget: list[str], synthesis: dict, out_dir: str, heldout: dict | None = None,
                   cells: list[str] | None = None) -> dict[str, str]:
     """The heatmap (always) and the prototype strip (when there are forgotten cells) as PNG files: {name: path}."""

@@ -49,8 +49,9 @@ def register_model(*, name: str, record: registry.Registration, grid: dict, unle
     artifacts = registry.package_model(workdir, Path(unlearned), record.arch, Path(projection_file),
                                        g.classes, classifier, grid)
     tags = {**record.tags(), **(extra_tags or {})}
-    rv = registry.register(name, record.request_id, artifacts, g.classes, _example_image(example), tags, params,
-                           record.metrics, report, promote, pictures=pictures)
+    rv = registry.register(name, record.request_id, artifacts=artifacts, classes=g.classes,
+                           example_image=_example_image(example), tags=tags, params=params, metrics=record.metrics,
+                           report=report, promote=promote, pictures=pictures)
     if rv.created:
         picture_artifacts(record.request_id, registry.show(f"{name}/{rv.version}")["pictures"],
                           f"{name} version {rv.version}")

@@ -58,7 +58,7 @@ def evaluation_images(base_model, grid: Grid, data_path: str | None, heldout_fil
     return images, f"held-out prototypes ({len(images.cells)} images; data-free)"
 
 
-def measure(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], thresholds: dict,
+def measure(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], *, thresholds: dict,
             data_path: str | None, heldout_files: list[str] | None, synthesis: dict | None,
             data_uri: str | None) -> Verdict:
     """Per-cell accuracy of the base and `model` ({path}) on the same images and the gate's verdict over the
@@ -74,7 +74,7 @@ def measure(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], 
 
 
 @task(name="validate")
-def validate(request_id: str, arch: str, base: dict, unlearned: dict, grid: dict, groups: list[dict],
+def validate(request_id: str, arch: str, base: dict, unlearned: dict, grid: dict, groups: list[dict], *,
              thresholds: dict, data_path: str | None = None, heldout_files: list[str] | None = None,
              synthesis: dict | None = None, data_uri: str | None = None) -> dict:
     """Measure base and unlearned model on the same images, apply the gate, publish the artifacts.
@@ -82,7 +82,8 @@ def validate(request_id: str, arch: str, base: dict, unlearned: dict, grid: dict
     Returns {passed, checks, metrics, cells, before, after, evaluation}; registration follows only if passed.
     """
     logger = get_run_logger()
-    verdict = measure(arch, base, unlearned, grid, groups, thresholds, data_path, heldout_files, synthesis, data_uri)
+    verdict = measure(arch, base, unlearned, grid, groups, thresholds=thresholds, data_path=data_path,
+                      heldout_files=heldout_files, synthesis=synthesis, data_uri=data_uri)
     out = verdict.to_dict()
     checks, metrics, table, passed = out["checks"], out["metrics"], out["cells"], out["passed"]
     forget = [str(c) for c in verdict.forget]

@@ -175,6 +175,7 @@ def pip_requirements() -> list[str]:
 def register(
     name: str,
     request_id: str,
+    *,
     artifacts: Mapping[str, str],
     classes: Sequence[str],
     example_image: Any,

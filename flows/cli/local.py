@@ -156,9 +156,10 @@ def forget_cmd(
         ns = default_config(mode, kind=kind, source=source)
         prompts = _templates(templates)
         loaded = _load(model, checkpoint, pretrained, device)
-        result = run_forget(loaded, g, mode, cls_list, dom_list,
-                            _synthesis(model, prototypes_per_cell, steps, target_cosine, seed, precision), ns, out, data,
-                            heldout_per_cell, prompts, progress=_progress(), bank=_bank())
+        result = run_forget(loaded, g, mode=mode, classes=cls_list, domains=dom_list,
+                            synthesis=_synthesis(model, prototypes_per_cell, steps, target_cosine, seed, precision),
+                            nullspace=ns, out=out, data=data, heldout_per_cell=heldout_per_cell, templates=prompts,
+                            progress=_progress(), bank=_bank())
     except _user_errors() as e:
         _fail(e)
     write_json(json_out, result.report)
