@@ -102,7 +102,7 @@ def governance(policy: ModelPolicy | None = None, ledger: str | None = None, pro
                                         cells))
             heldout, heldout_cfg = heldout_prototypes(policy, base, grid) if data_path is None else (None, None)
             audit = audit_model(policy.arch, base, weights,
-                                {"name": grid.name, "classes": list(grid.classes), "domains": list(grid.domains)},
+                                grid.to_dict(),
                                 [{"mode": g.mode, "cells": cell_names(g.cells)} for g in groups],
                                 thresholds=policy.thresholds.model_dump(), data_path=data_path,
                                 heldout_files=heldout["paths"] if heldout else None, synthesis=heldout_cfg,

@@ -100,7 +100,7 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     if not retain:
         raise ValueError("the forget set covers every cell of the grid; nothing would be retained")
     cells = cell_names(grid.cells)
-    grid_dict = {"name": grid.name, "classes": list(grid.classes), "domains": list(grid.domains)}
+    grid_dict = grid.to_dict()
     synthesis = policy.synthesis.config(policy.arch)
     nullspace = default_config(cumulative_mode([g.mode for g in forget_groups]), kind=policy.projection,
                                source=policy.source)

@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from clipforget.io import registry
+from clipforget.method.grid import Grid
 
 
 @task(name="find_registered", retries=2, retry_delay_seconds=5)
@@ -42,7 +43,7 @@ def register_model(*, name: str, record: registry.Registration, grid: dict, unle
     from tasks.pictures import picture_artifacts
 
     logger = get_run_logger()
-    g = _grid(grid)
+    g = Grid.from_dict(grid)
     model = load_model(record.arch, unlearned)
     classifier = ZeroShotClassifier(model.model, model.tokenizer, g).weights  # text tower as the base's
     workdir = Path(unlearned).parent / "package"
@@ -58,12 +59,6 @@ def register_model(*, name: str, record: registry.Registration, grid: dict, unle
     logger.info("%s version %s of %s (aliases: %s)", "registered" if rv.created else "already registered as",
                 rv.version, rv.name, ", ".join(rv.aliases) or "none")
     return rv.to_dict()
-
-
-def _grid(grid: dict):
-    from clipforget.method.grid import Grid
-
-    return Grid(grid["name"], tuple(grid["classes"]), tuple(grid["domains"]))
 
 
 @task(name="promote_model", retries=2, retry_delay_seconds=5)

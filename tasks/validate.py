@@ -65,7 +65,7 @@ def measure(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], 
     forget groups ([{mode, cells}]: one for a request, several for a cumulative ledger build)."""
     from clipforget.io.checkpoints import load_model
 
-    g = Grid(grid["name"], tuple(grid["classes"]), tuple(grid["domains"]))
+    g = Grid.from_dict(grid)
     base_model = loaded_model(arch, base["path"], base["sha256"])
     images, evaluation = evaluation_images(base_model, g, data_path, heldout_files, synthesis, data_uri)
     before, after = evaluate_pair(base_model, load_model(arch, model["path"]), images, g)

@@ -51,6 +51,14 @@ class Grid:
     def cells(self) -> list[Cell]:
         return [Cell(c, d) for d in self.domains for c in self.classes]
 
+    def to_dict(self) -> dict:
+        """{name, classes, domains}: how a grid travels between tasks and into reports and labels."""
+        return {"name": self.name, "classes": list(self.classes), "domains": list(self.domains)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Grid:
+        return cls(d["name"], tuple(d["classes"]), tuple(d["domains"]))
+
     @classmethod
     def from_file(cls, path: str | Path) -> Grid:
         """JSON: {"classes": [...], "domains": [...]}."""
