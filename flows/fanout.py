@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 from typing import Any
 
 from prefect import get_run_logger
@@ -17,6 +18,15 @@ from clipforget.steps import cell_names, load_text, parse_cells
 from flows import runners
 from tasks.build import precision_report, synthesize_chunk
 from tasks.common import work_root
+
+
+def _decided(synthesis: dict) -> dict:
+    """The settings with `precision: auto` decided here, by the process that keys the bank: the chunks, Ray
+    workers and the gpu pool's deployment then synthesize at exactly the precision the bank files are named
+    for (a worker deciding `auto` for its own device would bank cells under keys this process never reads)."""
+    from clipforget.io.checkpoints import pick_device
+
+    return asdict(SynthesisConfig(**synthesis).resolved(pick_device()))
 
 
 def _logger() -> Any:
@@ -56,6 +66,7 @@ def fill_bank(arch: str, checkpoint: str, sha256: str, text_file: str, cells: li
 
     t0 = time.perf_counter()
     logger = _logger()
+    synthesis = _decided(synthesis)
     config = SynthesisConfig(**synthesis)
     bank = PrototypeBank(work_root() / "prototypes")
     wanted = parse_cells(cells)
@@ -138,6 +149,7 @@ def fill_bank_routed(arch: str, checkpoint: str, sha256: str, text_file: str, ce
     Without the variable, or with every cell banked: `fill_bank(...)` in this flow.
     """
     name = os.environ.get(SYNTHESIS_DEPLOYMENT_ENV)
+    synthesis = _decided(synthesis)
     config = SynthesisConfig(**synthesis)
     bank = PrototypeBank(work_root() / "prototypes")
     missing = _missing(bank, sha256, cells, config, with_images) if name else []
