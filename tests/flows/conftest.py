@@ -5,14 +5,10 @@ set, an `mlflow server` subprocess on SQLite, and Prefect through `prefect_test_
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+import testservers
 
 from clipforget.io.checkpoints import TOY_WEIGHTS, sha256_file
 
@@ -21,11 +17,6 @@ BUCKET = "clipforget-test"
 # the pipeline's gate sees what those tests see; training used render seed 0
 EVAL_SEED, EVAL_PER_CELL = 3, 50
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -88,37 +79,8 @@ def s3(pipeline_env):
 @pytest.fixture(scope="session")
 def mlflow_server(pipeline_env):
     """A real `mlflow server` subprocess (SQLite backend, proxied artifacts) on a free local port."""
-    root = pipeline_env / "mlflow"
-    root.mkdir()
-    port = _free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start: {Path(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    os.environ["MLFLOW_TRACKING_URI"] = url
-    yield url
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with testservers.mlflow_server(pipeline_env / "mlflow") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

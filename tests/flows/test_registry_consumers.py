@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import testservers
 from prefect.artifacts import Artifact
 
 from clipforget.governance.request import UnlearnRequest
@@ -145,13 +146,6 @@ def _render(seed: int, per_cell: int = 1):
     return render_cells(resolve_grid("toy").cells, per_cell, seed=seed)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -163,7 +157,7 @@ def test_mlflow_models_serve_answers_a_rest_request(registered, servers, tmp_pat
     import mlflow
     import pandas as pd
 
-    port = _free_port()
+    port = testservers.free_port()
     log = tmp_path / "serve.log"
     # as in an activated virtualenv: MLflow starts the scoring server with the environment's `uvicorn`
     env = {**os.environ, "MLFLOW_TRACKING_URI": servers["mlflow"],
@@ -173,16 +167,8 @@ def test_mlflow_models_serve_answers_a_rest_request(registered, servers, tmp_pat
                                  "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        testservers.wait_until_healthy(f"http://127.0.0.1:{port}/ping", lambda: proc.poll() is None, log.read_text,
+                                   "mlflow models serve")
         # the request format is discoverable: the version's serving input example is a valid request as it is
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{registered['version']}", dst_path=str(tmp_path)))
         example = json.loads((local / "serving_input_example.json").read_text())

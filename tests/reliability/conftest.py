@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
+import testservers
 
 from clipforget.io.checkpoints import TOY_WEIGHTS, sha256_file
 
@@ -37,13 +34,6 @@ except ImportError:  # pragma: no cover - hypothesis is in the dev extra
 BUCKET = "clipforget-test"
 CHECKPOINT_KEY = "models/toy.safetensors"
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _started_by_this_session(basetemp: Path) -> bool:
@@ -92,41 +82,6 @@ def _moto() -> Iterator[str]:
         os.environ.pop("AWS_ENDPOINT_URL", None)
 
 
-@contextmanager
-def _mlflow(root: Path) -> Iterator[str]:
-    root.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    os.environ["MLFLOW_TRACKING_URI"] = url
-    try:
-        yield url
-    finally:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory) -> Iterator[dict]:
     """S3 (moto, with the toy checkpoint and its sha256 metadata), MLflow and Prefect: reused or started."""
@@ -139,7 +94,7 @@ def servers(tmp_path_factory) -> Iterator[dict]:
             root = tmp_path_factory.mktemp("reliability-servers")
             stack.enter_context(_env(root))
             stack.enter_context(_moto())
-            stack.enter_context(_mlflow(root / "mlflow"))
+            stack.enter_context(testservers.mlflow_server(root / "mlflow"))
             stack.enter_context(prefect_test_harness(server_startup_timeout=120))
         client = boto3.client("s3")
         if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:

@@ -18,17 +18,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import testservers
 
 REPO = Path(__file__).resolve().parents[3]
 PREFECT = [sys.executable, "-m", "prefect"]
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Service:
@@ -154,7 +148,7 @@ def prefect_stack(pipeline_env, tmp_path_factory):
     """A `prefect server` subprocess on a free port (own PREFECT_HOME and SQLite database, scheduler off so the
     governance cron makes no runs here), with the `cpu` and `gpu` process work pools."""
     root = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = testservers.free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({
