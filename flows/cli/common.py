@@ -38,25 +38,25 @@ class UserError(Exception):
     """Bad input: reported on one line, exit code 2."""
 
 
-def _fail(e: BaseException) -> None:
+def fail(e: BaseException) -> None:
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(2)
 
 
-def _synthesis(model: str, k: int, steps: int, target: float | None, seed: int, precision: str = "auto") -> Any:
+def synthesis_config(model: str, k: int, steps: int, target: float | None, seed: int, precision: str = "auto") -> Any:
     from clipforget.governance.request import SynthesisSettings
 
     return SynthesisSettings(prototypes_per_cell=k, steps=steps, target_cosine=target, seed=seed,
                              precision=precision).config(model)
 
 
-def _load(model: str, checkpoint: Path | None, pretrained: str | None, device: str | None) -> Any:
+def load(model: str, checkpoint: Path | None, pretrained: str | None, device: str | None) -> Any:
     from clipforget.io.checkpoints import load_model
 
     return load_model(model, checkpoint, pretrained, device)
 
 
-def _grid(spec: str | None, model: str, data: Path | None) -> Any:
+def grid_of(spec: str | None, model: str, data: Path | None) -> Any:
     from clipforget.method.data import grid_of_folder
     from clipforget.method.grid import resolve_grid
 
@@ -69,13 +69,13 @@ def _grid(spec: str | None, model: str, data: Path | None) -> Any:
     raise UserError("give --grid (pacs, domainnet or a JSON file) or --data for a model other than toy")
 
 
-def _templates(path: Path | None) -> Any:
+def templates_of(path: Path | None) -> Any:
     from clipforget.method.prompts import TemplateSet
 
     return TemplateSet.from_file(path) if path is not None else TemplateSet()
 
 
-def _progress(every_s: float = 2.0):
+def progress_bar(every_s: float = 2.0):
     """Synthesis progress on stderr: one bar redrawn in place on a terminal, else a line every few seconds."""
     import time
 
@@ -96,7 +96,7 @@ def _progress(every_s: float = 2.0):
     return show
 
 
-def _bank() -> Any:
+def bank() -> Any:
     """The prototype bank every command shares (CLIPFORGET_CACHE/prototypes, as the pipeline's)."""
     from clipforget.io.bank import PrototypeBank
     from clipforget.io.storage import cache_root
@@ -104,7 +104,7 @@ def _bank() -> Any:
     return PrototypeBank(cache_root() / "prototypes")
 
 
-def _user_errors():
+def user_errors():
     from clipforget.io.checkpoints import ModelLoadError
 
     return (UserError, ModelLoadError, ValueError, FileNotFoundError)
@@ -116,11 +116,11 @@ POLICY = typer.Option(None, "--policy", help="Model policy JSON: base checkpoint
                       "registered name (default: the bundled toy model, data-free validation, clipforget-toy).")
 
 
-def _validation_message(e: Any) -> str:
+def validation_message(e: Any) -> str:
     return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'request'}: {err['msg']}" for err in e.errors())
 
 
-def _load_model_json(cls: Any, path: Path | None, what: str) -> Any:
+def load_model_json(cls: Any, path: Path | None, what: str) -> Any:
     import pydantic
 
     if path is None:
@@ -130,14 +130,14 @@ def _load_model_json(cls: Any, path: Path | None, what: str) -> Any:
     try:
         return cls.model_validate_json(read_json_file(path, what))
     except FileNotFoundError:
-        _fail(FileNotFoundError(f"{what} file {path} does not exist"))
+        fail(FileNotFoundError(f"{what} file {path} does not exist"))
     except pydantic.ValidationError as e:
-        _fail(ValueError(f"{path}: {_validation_message(e)}"))
+        fail(ValueError(f"{path}: {validation_message(e)}"))
     except ValueError as e:  # too large, not UTF-8
-        _fail(e)
+        fail(e)
 
 
-def _offline_prefect() -> None:
+def offline_prefect() -> None:
     """Before a command runs flows: no telemetry, and SIGTERM/Ctrl-C stop it within seconds (flows/interrupt.py)."""
     import os
 
@@ -147,7 +147,7 @@ def _offline_prefect() -> None:
     interrupt.install(" ".join(["clipforget", *(a for a in sys.argv[1:3] if not a.startswith("-"))]))
 
 
-def _report_of(json_out: Path, state: Any) -> dict:
+def report_of(json_out: Path, state: Any) -> dict:
     if not json_out.is_file():
         typer.echo(f"error: the flow ended {state.type.value} before a report: {state.message}", err=True)
         raise typer.Exit(1)

@@ -21,16 +21,16 @@ from flows.cli.common import (
     TEMPLATES,
     K,
     UserError,
-    _bank,
-    _fail,
-    _grid,
-    _load,
-    _progress,
-    _synthesis,
-    _templates,
-    _user_errors,
     app,
+    bank,
+    fail,
+    grid_of,
+    load,
+    progress_bar,
+    synthesis_config,
+    templates_of,
     toy_app,
+    user_errors,
 )
 
 
@@ -46,7 +46,7 @@ def toy_render(
     from clipforget.toyworld.render import CLASSES, DOMAINS, render_image
 
     if per_cell < 1:
-        _fail(ValueError("--per-cell must be at least 1"))
+        fail(ValueError("--per-cell must be at least 1"))
     for d in DOMAINS:
         for c in CLASSES:
             for i in range(per_cell):
@@ -98,16 +98,16 @@ def eval_cmd(
     if model_uri is not None:
         return _eval_registered(model_uri, data, json_out)
     try:
-        g = _grid(grid, model, data)
-        prompts = _templates(templates)
-        loaded = _load(model, checkpoint, pretrained, device)
+        g = grid_of(grid, model, data)
+        prompts = templates_of(templates)
+        loaded = load(model, checkpoint, pretrained, device)
         if data is not None:
             images = LabelledImages.from_folder(data, loaded.preprocess, g)
         else:
-            cfg = _synthesis(model, prototypes_per_cell, steps, target_cosine, seed, precision)
-            images = heldout_images(loaded, g, cfg, prototypes_per_cell, prompts, progress=_progress(), bank=_bank())
-    except _user_errors() as e:
-        _fail(e)
+            cfg = synthesis_config(model, prototypes_per_cell, steps, target_cosine, seed, precision)
+            images = heldout_images(loaded, g, cfg, prototypes_per_cell, prompts, progress=progress_bar(), bank=bank())
+    except user_errors() as e:
+        fail(e)
     report = ZeroShotClassifier(loaded.model, loaded.tokenizer, g, prompts).evaluate(
         image_features(loaded.model, images.pixels), images.cells).to_dict()
     report.update({"model": model, "checkpoint": str(checkpoint) if checkpoint else loaded.checkpoint,
@@ -151,17 +151,17 @@ def forget_cmd(
     try:
         if out.suffix != ".safetensors":
             raise UserError(f"--out must end in .safetensors, got {out.name}")
-        g = _grid(grid, model, data)
+        g = grid_of(grid, model, data)
         forget_cells(g, mode, cls_list, dom_list)  # a bad request fails before the model loads
         ns = default_config(mode, kind=kind, source=source)
-        prompts = _templates(templates)
-        loaded = _load(model, checkpoint, pretrained, device)
+        prompts = templates_of(templates)
+        loaded = load(model, checkpoint, pretrained, device)
         result = run_forget(loaded, g, mode=mode, classes=cls_list, domains=dom_list,
-                            synthesis=_synthesis(model, prototypes_per_cell, steps, target_cosine, seed, precision),
+                            synthesis=synthesis_config(model, prototypes_per_cell, steps, target_cosine, seed, precision),
                             nullspace=ns, out=out, data=data, heldout_per_cell=heldout_per_cell, templates=prompts,
-                            progress=_progress(), bank=_bank())
-    except _user_errors() as e:
-        _fail(e)
+                            progress=progress_bar(), bank=bank())
+    except user_errors() as e:
+        fail(e)
     write_json(json_out, result.report)
     m = result.report["metrics"]
     typer.echo(f"forget accuracy {m['forget_before']:.3f} -> {m['forget_after']:.3f}; retain accuracy "
@@ -178,10 +178,10 @@ def _eval_registered(model_uri: str, data: Path | None, json_out: Path) -> None:
         if data is None:
             raise UserError("--model-uri needs --data: a registered model is evaluated on labelled images")
         labels, cells = registry.classify_folder(registry.load_pyfunc(model_uri), data)
-    except _user_errors() as e:
-        _fail(e)
+    except user_errors() as e:
+        fail(e)
     except Exception as e:  # the registry is unreachable, or no such model/alias
-        _fail(RuntimeError(f"cannot load {model_uri} from {registry.tracking_uri()}: {type(e).__name__}: {e}"))
+        fail(RuntimeError(f"cannot load {model_uri} from {registry.tracking_uri()}: {type(e).__name__}: {e}"))
     report = score_cells(labels, cells).to_dict()
     report.update({"model_uri": model_uri, "data": str(data)})
     write_json(json_out, report)

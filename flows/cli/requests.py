@@ -11,14 +11,14 @@ import typer
 from flows.cli.common import (
     LEDGER,
     POLICY,
-    _fail,
-    _grid,
-    _load_model_json,
-    _offline_prefect,
-    _report_of,
-    _user_errors,
-    _validation_message,
+    fail,
+    grid_of,
+    load_model_json,
+    offline_prefect,
+    report_of,
     request_app,
+    user_errors,
+    validation_message,
 )
 
 
@@ -44,20 +44,20 @@ def request_submit(
     try:
         request = DeletionRequest.model_validate_json(read_json_file(file, "request"))
     except FileNotFoundError:
-        _fail(FileNotFoundError(f"request file {file} does not exist"))
+        fail(FileNotFoundError(f"request file {file} does not exist"))
     except pydantic.ValidationError as e:
-        _fail(ValueError(f"{file}: {_validation_message(e)}"))
+        fail(ValueError(f"{file}: {validation_message(e)}"))
     except ValueError as e:  # too large, not UTF-8
-        _fail(e)
-    policy = _load_model_json(ModelPolicy, policy_file, "policy")
+        fail(e)
+    policy = load_model_json(ModelPolicy, policy_file, "policy")
     location = ledger_location(ledger)
     try:
         local_policy = deployment is None or policy_file is not None  # else the deployment's policy decides
         if local_policy and (policy.grid is not None or policy.arch == "toy"):  # bad input fails before any write
-            request.cells(_grid(policy.grid, policy.arch, None))
-    except _user_errors() as e:
-        _fail(e)
-    _offline_prefect()
+            request.cells(grid_of(policy.grid, policy.arch, None))
+    except user_errors() as e:
+        fail(e)
+    offline_prefect()
     if deployment:
         from prefect.deployments import run_deployment
 
@@ -76,7 +76,7 @@ def request_submit(
         try:
             entry, appended = Ledger(location).append(request.request_id, request.ledger_record())
         except LedgerError as e:
-            _fail(e)
+            fail(e)
         typer.echo(f"{'appended' if appended else 'already in the ledger:'} {request.request_id} as entry {entry.seq} "
                    f"of {location} (hash {entry.hash[:16]}); `clipforget govern` builds it")
         return
@@ -85,7 +85,7 @@ def request_submit(
     json_out = json_out or Path("runs") / f"request-{request.request_id}.json"
     json_out.unlink(missing_ok=True)
     state = deletion_request(request, policy, location, promote, str(json_out), return_state=True)
-    report = _report_of(json_out, state)
+    report = report_of(json_out, state)
     reg = report.get("registered")
     if report.get("passed") and reg:
         led = report.get("ledger") or {}
@@ -142,9 +142,9 @@ def request_show(request_id: str = typer.Argument(...), ledger: str = LEDGER, po
     _, entries = _ledger_entries(ledger)
     entry = next((e for e in entries if e.request_id == request_id), None)
     if entry is None:
-        _fail(ValueError(f"request {request_id!r} is not in the ledger"))
+        fail(ValueError(f"request {request_id!r} is not in the ledger"))
     assert entry is not None
-    policy = _load_model_json(ModelPolicy, policy_file, "policy")
+    policy = load_model_json(ModelPolicy, policy_file, "policy")
     out = entry.to_dict()
     try:
         out["covered_by"] = [{"name": policy.registered_name, "version": v["version"], "aliases": v["aliases"]}

@@ -19,13 +19,13 @@ from flows.cli.common import (
     STEPS,
     TARGET,
     K,
-    _fail,
-    _grid,
-    _load_model_json,
-    _offline_prefect,
-    _report_of,
-    _user_errors,
     app,
+    fail,
+    grid_of,
+    load_model_json,
+    offline_prefect,
+    report_of,
+    user_errors,
 )
 
 
@@ -85,17 +85,17 @@ def unlearn_cmd(
             fields["requested_by"] = requested_by
         request = UnlearnRequest(**fields)
         if grid is not None or model == "toy":  # a bad request fails before Prefect starts
-            g = _grid(grid, model, None)
+            g = grid_of(grid, model, None)
             forget_cells(g, mode, cls_list, dom_list)
             if data is not None and "://" not in data:  # a local folder: checked now (an S3 prefix in the flow)
                 from clipforget.method.data import check_labelled_folder
 
                 check_labelled_folder(data, g)
     except pydantic.ValidationError as e:
-        _fail(ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())))
-    except _user_errors() as e:
-        _fail(e)
-    _offline_prefect()
+        fail(ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())))
+    except user_errors() as e:
+        fail(e)
+    offline_prefect()
     from flows.unlearn import unlearn
 
     json_out = json_out or Path("runs") / f"unlearn-{request.request_id}.json"
@@ -131,14 +131,14 @@ def govern_cmd(
     """Run governance once: build pending ledger requests in one batch, audit the champion, write the report."""
     from clipforget.governance.request import ModelPolicy
 
-    policy = _load_model_json(ModelPolicy, policy_file, "policy")
-    _offline_prefect()
+    policy = load_model_json(ModelPolicy, policy_file, "policy")
+    offline_prefect()
     from flows.governance import governance
 
     json_out = json_out or Path("runs") / "governance.json"
     json_out.unlink(missing_ok=True)
     state = governance(policy, ledger, promote, str(json_out), return_state=True)
-    report = _report_of(json_out, state)
+    report = report_of(json_out, state)
     typer.echo(report["published"]["markdown"])
     typer.echo(f"compliance report: MLflow run {report['published']['mlflow_run_id']}; wrote {json_out}")
     if not report["passed"]:
@@ -156,8 +156,8 @@ def rebuild_cmd(
     from clipforget.governance.request import ModelPolicy
     from clipforget.io import registry
 
-    policy = _load_model_json(ModelPolicy, policy_file, "policy")
-    _offline_prefect()
+    policy = load_model_json(ModelPolicy, policy_file, "policy")
+    offline_prefect()
     from clipforget.governance.ledger import Ledger, LedgerError
     from flows.deletion_request import rebuild
     from tasks.record import ledger_location
@@ -165,7 +165,7 @@ def rebuild_cmd(
     try:
         head = Ledger(ledger_location(ledger)).resolve(head) if head else None  # bad input fails before the flow
     except LedgerError as e:
-        _fail(e)
+        fail(e)
     report = rebuild(policy, ledger, head)
     sha = report["output"]["sha256"]
     vid = report["request_id"]
