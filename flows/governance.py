@@ -21,7 +21,7 @@ from clipforget.ledger import GENESIS, Entry, LedgerError
 from clipforget.request import ModelPolicy
 from clipforget.steps import cell_names
 from flows.deletion_request import build_at_head, version_id
-from flows.pipeline import fetch_inputs, groups_of, heldout_images
+from flows.pipeline import fetch_inputs, groups_of, heldout_images, rejection
 from tasks.alerts import emit_noncompliant
 from tasks.audit import audit_model, fetch_registered_weights, publish_governance_report
 from tasks.common import work_root
@@ -111,7 +111,7 @@ def governance(policy: ModelPolicy | None = None, ledger: str | None = None, pro
                 findings.append(Finding(**audit["recognized"]))
             for c in audit["checks"]:
                 if not c["passed"] and "forget" not in c["name"]:
-                    findings.append(Finding("retain", f"{c['name']}: {c['value']:.4f} > {c['limit']:.4f} "
+                    findings.append(Finding("retain", f"{rejection(c)} "
                                             f"(worst retained cell {audit['metrics']['worst_retain_cell']})",
                                             [audit["metrics"]["worst_retain_cell"]]))
 
