@@ -179,7 +179,8 @@ def register(
     uri = uri or tracking_uri()
     existing = find_version(name, request_id, uri)
     if existing is not None:
-        finish(name, existing, uri)
+        if finish(name, existing, uri) and promote:  # a retry of this registration, cut short before its aliases
+            client(uri).set_registered_model_alias(name, CHAMPION, str(existing.version))
         return _described(name, existing.version, created=False, uri=uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
