@@ -31,6 +31,7 @@ SECTIONS = {
     "test_ledger_faults": "Faults: broken ledgers and concurrent appends",
     "test_signals": "Faults: SIGTERM and Ctrl-C",
     "test_disk_full": "Faults: a full disk",
+    "test_kill_and_race": "Faults: SIGKILL and races between processes; governance findings",
 }
 COUNTERS = ("faults_survived", "bad_registrations", "ledger_delta", "secrets_found")
 NOTES = """## Decisions where the issue was silent
@@ -52,6 +53,17 @@ NOTES = """## Decisions where the issue was silent
 - **S3 timeouts.** `CLIPFORGET_S3_TIMEOUT` (default 60 s) bounds one call, so a stalled endpoint is retried instead
   of hanging.
 - **MLflow user.** Runs are tagged `mlflow.user=clipforget` instead of the tracking username MLflow would record.
+- **Registration, exactly once.** A version's model card is written last, after its aliases: a version without one
+  was cut short (the process died after creating it), and the next run for that request id completes it
+  (`candidate` alias, model card from the report logged with its run) instead of registering another. Two runs that
+  create a version for one request id at the same moment both look again afterwards: the lowest version stays, the
+  other run deletes its own version and run and reports the one that stayed.
+- **Two submits at once.** Each `request submit` appends its entry, then builds the ledger head it reads. When both
+  read the same head they build one version id (registered once); when the first read only its own entry, its
+  version covers that entry and the later head's version covers both. `--promote` moves `champion` to whichever
+  registers last, which can be the older head: governance would then report `coverage` (the newer head is registered
+  already, so it builds nothing) until `clipforget models promote` moves it (read from the code; the race cases run
+  without `--promote`).
 """
 
 
@@ -96,7 +108,8 @@ def markdown(rows: list[dict], seconds: float | None) -> str:
         "",
         "Every row is a test in `tests/reliability/` run against the real components the suite starts (a moto S3",
         "server over HTTP, an `mlflow server` subprocess, Prefect's test harness; a fault-injecting HTTP proxy on",
-        "loopback in front of moto; real `clipforget` processes for the signal cases). Regenerate with",
+        "loopback in front of moto and MLflow; real `clipforget` processes for the signal, SIGKILL and race cases). "
+        "Regenerate with",
         "",
         "```bash",
         ".venv/bin/python bench/reliability.py --markdown docs/RELIABILITY.md",

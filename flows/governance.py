@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.states import Failed
 
+from clipforget.gate.verdict import rejection
 from clipforget.governance.compliance import Finding
 from clipforget.governance.ledger import GENESIS, Entry, LedgerError
 from clipforget.governance.request import ModelPolicy
@@ -112,7 +113,7 @@ def governance(policy: ModelPolicy | None = None, ledger: str | None = None, pro
                 findings.append(Finding(**audit["recognized"]))
             for c in audit["checks"]:
                 if not c["passed"] and "forget" not in c["name"]:
-                    findings.append(Finding("retain", f"{c['name']}: {c['value']:.4f} > {c['limit']:.4f} "
+                    findings.append(Finding("retain", f"{rejection(c)} "
                                             f"(worst retained cell {audit['metrics']['worst_retain_cell']})",
                                             [audit["metrics"]["worst_retain_cell"]]))
 

@@ -68,8 +68,10 @@ Inputs = tuple[dict, str | None, Grid]  # base checkpoint {path, sha256, uri}, e
 def fetch_inputs(policy: ModelPolicy) -> Inputs:
     """Step 0: the base checkpoint and evaluation data in the cache, and the grid."""
     base = fetch_checkpoint(policy.checkpoint_uri, policy.checkpoint_sha256)
-    data_path = fetch_eval_data(policy.data_uri) if policy.data_uri else None
-    return base, data_path, policy_grid(policy, data_path)
+    # a grid known before the data (named, or the toy model's) checks the data's folders now, not after synthesis
+    known = policy_grid(policy, None) if policy.grid is not None or policy.arch == "toy" else None
+    data_path = fetch_eval_data(policy.data_uri, None if known is None else known.to_dict()) if policy.data_uri else None
+    return base, data_path, known or policy_grid(policy, data_path)
 
 
 def run_pipeline(build: Build, promote: bool = False, report_path: str | None = None, register: bool = True,

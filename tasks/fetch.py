@@ -35,20 +35,25 @@ def fetch_checkpoint(uri: str | None, sha256: str | None = None) -> dict:
 
 @task(name="fetch_eval_data", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_condition_fn=retry_if_transient)
-def fetch_eval_data(uri: str) -> str:
+def fetch_eval_data(uri: str, grid: dict | None = None) -> str:
     """A labelled `<domain>/<class>/` folder: local in place, an S3 prefix mirrored into the cache. Every image is
-    checked (layout, symlinks out of the folder, not an image, corrupt, too small or too large) before any work."""
+    checked (layout, symlinks out of the folder, not an image, corrupt, too small or too large) before any work,
+    and with `grid` ({name, classes, domains}) every class and domain folder must be one of the grid's."""
     import shutil
 
     from clipforget.io.storage import cache_root
     from clipforget.method.data import check_labelled_folder
+    from clipforget.method.grid import Grid
 
     path = fetch_tree(uri, log=get_run_logger().warning)
+    mirror = path.is_relative_to(cache_root() / "trees")
     try:
-        items = check_labelled_folder(path)
-    except ValueError:
-        if path.is_relative_to(cache_root() / "trees"):  # a mirror of bad data is not kept as if it were usable
+        items = check_labelled_folder(path, None if grid is None else
+                                      Grid.from_dict(grid))
+    except ValueError as e:
+        if mirror:  # a mirror of bad data is not kept as if it were usable; the error names the prefix
             shutil.rmtree(path, ignore_errors=True)
+            raise ValueError(str(e).replace(str(path), uri.rstrip("/"))) from None
         raise
     get_run_logger().info("evaluation data %s at %s: %d images checked", uri, path, len(items))
     return str(path)

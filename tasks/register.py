@@ -12,9 +12,15 @@ from clipforget.method.grid import Grid
 
 @task(name="find_registered", retries=2, retry_delay_seconds=5)
 def find_registered(name: str, request_id: str) -> dict | None:
-    """The version already registered for this request id, if any (re-runs register nothing new)."""
+    """The version already registered for this request id, if any (re-runs register nothing new). A registration
+    that was cut short (the process died after creating the version) is completed first."""
     mv = registry.find_version(name, request_id)
-    return None if mv is None else registry.show(f"{name}/{mv.version}")
+    if mv is None:
+        return None
+    if registry.finish(name, mv):
+        get_run_logger().warning("%s version %s for request %s was cut short while registering: completed it "
+                                 "(candidate alias, model card)", name, mv.version, request_id)
+    return registry.show(f"{name}/{mv.version}")
 
 
 def _example_image(path: str):

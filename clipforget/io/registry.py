@@ -195,6 +195,8 @@ def register(
     uri = uri or tracking_uri()
     existing = find_version(name, request_id, uri)
     if existing is not None:
+        if finish(name, existing, uri) and promote:  # a retry of this registration, cut short before its aliases
+            client(uri).set_registered_model_alias(name, CHAMPION, str(existing.version))
         return _described(name, existing.version, created=False, uri=uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -218,12 +220,39 @@ def register(
     links = picture_links(run_id, pictures or {}, uri)
     mv_tags = {**tags, TAG_PICTURES: ",".join(f"{k}={PICTURES_DIR}/{Path(p).name}" for k, p in (pictures or {}).items())}
     mv = mlflow.register_model(info.model_uri, name, tags={k: v for k, v in mv_tags.items() if v})
-    # the model card: what consumers read on the model page without opening artifacts
-    c.update_model_version(name, mv.version, description=model_card(report, name, str(mv.version), links))
+    first = find_version(name, request_id, uri)
+    if first is not None and str(first.version) != str(mv.version):
+        # another run registered this request id at the same moment: the lowest version wins, this one goes
+        c.delete_model_version(name, mv.version)
+        c.delete_run(run_id)
+        finish(name, first, uri)
+        return _described(name, first.version, created=False, uri=uri)
     c.set_registered_model_alias(name, CANDIDATE, mv.version)
     if promote:
         c.set_registered_model_alias(name, CHAMPION, mv.version)
+    # the model card, written last: what consumers read on the model page without opening artifacts, and the
+    # mark of a registration that went to its end (`finish` completes one that was cut short)
+    c.update_model_version(name, mv.version, description=model_card(report, name, str(mv.version), links))
     return _described(name, mv.version, created=True, uri=uri)
+
+
+def finish(name: str, mv: Any, uri: str | None = None) -> bool:
+    """Complete a registration that was cut short (the process died after the version was created): alias it
+    `candidate` and write its model card from the report logged with its run. A version with a model card went
+    to its end and is left as it is. Returns whether anything was done."""
+    if mv.description:
+        return False
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        data = json.loads(Path(c.download_artifacts(mv.run_id, "report.json")).read_text())
+    except (MlflowException, OSError, ValueError):  # no report logged with it: a card of what the tags say
+        data = {}
+    c.set_registered_model_alias(name, CANDIDATE, str(mv.version))
+    c.update_model_version(name, str(mv.version), description=model_card(
+        data, name, str(mv.version), _pictures_of(mv, dict(mv.tags or {}))))
+    return True
 
 
 PICTURES_DIR = "pictures"

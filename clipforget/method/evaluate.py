@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipforget.method.data import list_labelled_images
+from clipforget.method.data import check_labelled_folder
 from clipforget.method.grid import Cell, Grid
 from clipforget.method.prompts import TemplateSet, class_text_embeddings
 
@@ -32,11 +32,15 @@ class LabelledImages:
     def from_folder(cls, root: str | Path, preprocess: Callable, grid: Grid | None = None) -> LabelledImages:
         from PIL import Image
 
-        items = list_labelled_images(root, grid)
+        items = check_labelled_folder(root, grid)  # a corrupt file fails here, naming it
         pixels = []
         for path, _ in items:
-            with Image.open(path) as im:
-                pixels.append(preprocess(im.convert("RGB")))
+            try:
+                with Image.open(path) as im:
+                    pixels.append(preprocess(im.convert("RGB")))
+            except (OSError, SyntaxError, ValueError) as e:  # bytes that pass the header check but do not decode
+                raise ValueError(f"image {path} is not a readable image: {type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:200]}") from None
         return cls(torch.stack(pixels), [c for _, c in items])
 
     @classmethod

@@ -65,3 +65,30 @@ def write_on_a_full_disk(root: str, fsize_limit: int | None = None) -> list[dict
     print(json.dumps(out))
     os.sync()
     return out
+
+
+def fill_bank_cells(cache: str, cells: list[str], steps: int, barrier, env: dict) -> dict:
+    """Load the toy model and the cells' text targets, wait for every worker (no barrier: run alone), then fill
+    the prototype bank under `cache` with those cells; returns which cells it synthesized and the bank files."""
+    import os
+
+    os.environ.update(env)
+    import torch
+
+    torch.set_num_threads(1)
+    from clipforget.io.bank import PrototypeBank, synthesize_with_bank
+    from clipforget.io.checkpoints import load_model
+    from clipforget.method.projection import cell_text_embeddings, text_targets
+    from clipforget.method.prompts import TemplateSet
+    from clipforget.method.synthesis import SynthesisConfig
+    from clipforget.steps import parse_cells
+
+    loaded = load_model("toy")
+    wanted = parse_cells(cells)
+    targets = text_targets(cell_text_embeddings(loaded.model, loaded.tokenizer, TemplateSet(), wanted), wanted)
+    config = SynthesisConfig(prototypes_per_cell=2, steps=steps, target_cosine=1.0, seed=0, precision="fp32")
+    if barrier is not None:
+        barrier.wait(timeout=120)
+    paths, report = synthesize_with_bank(loaded.model, dict(zip(wanted, targets, strict=True)), wanted, config,
+                                         loaded.sha256, PrototypeBank(os.path.join(cache, "prototypes")))
+    return {"synthesized": report.synthesized, "paths": [str(p) for p in paths]}

@@ -98,6 +98,16 @@ def data_case(mutate: Callable[[Path, dict], None]) -> Callable[[Path, dict], No
     return make
 
 
+def s3_data_case(prefix: str, keys: list[str]) -> Callable[[Path, dict], None]:
+    """Valid 64x64 PNGs under s3://bucket/prefix/ at `keys` (<domain>/<class>/<file>)."""
+
+    def make(ws: Path, ctx: dict) -> None:
+        for key in keys:
+            ctx["client"].put_object(Bucket=ctx["bucket"], Key=f"{prefix}/{key}", Body=png(64, 64))
+
+    return make
+
+
 def one_image(root: Path) -> Path:
     return sorted(root.glob("*/*/*.png"))[0]
 
@@ -308,6 +318,13 @@ CASES = [
                                                          Body=b"\x89PNG\r\n\x1a\n" + b"garbage" * 10), flow=True),
     Case("data: S3 prefix with nothing under it", "no objects under this prefix", unlearn=["--data", "s3://{bucket}/empty/"],
          flow=True),
+    # folders outside the grid on S3 fail in the fetch step, before synthesis (no bank file appears), naming the prefix
+    Case("data: S3 prefix with a class folder not in the grid", "s3://{bucket}/grid-class holds cells outside grid "
+         "'toy': dragon/photo", unlearn=["--data", "s3://{bucket}/grid-class/"], make=s3_data_case("grid-class", [
+             "photo/star/0.png", "photo/dragon/0.png"]), flow=True),
+    Case("data: S3 prefix with a domain folder not in the grid", "s3://{bucket}/grid-domain holds cells outside grid "
+         "'toy': star/oil", unlearn=["--data", "s3://{bucket}/grid-domain/"], make=s3_data_case("grid-domain", [
+             "photo/star/0.png", "oil/star/0.png"]), flow=True),
     Case("data: local folder that does not exist", "evaluation data folder not found", unlearn=["--data", "{ws}/nowhere"]),
 ]
 
@@ -374,7 +391,7 @@ def test_bad_input(case: Case, ctx, tmp_path, monkeypatch, checked):
     out = result.output
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert result.exit_code == (1 if case.flow else 2), out
-    assert len(errors) == 1 and case.message in errors[0], out
+    assert len(errors) == 1 and _fmt(case.message, ws, ctx) in errors[0], out
     assert isinstance(result.exception, SystemExit), out  # a clean exit, never an uncaught exception
     if case.flow:  # the run's own log (Prefect's, with its tracebacks) precedes the command's error line
         assert "the flow ended FAILED" in errors[0], errors[0]
@@ -389,3 +406,35 @@ def test_bad_input(case: Case, ctx, tmp_path, monkeypatch, checked):
     assert not (ws / "pwned").exists()  # no unpickled object ran code
     checked(f"exit {result.exit_code}; one error line: {errors[0][len('error: '):][:160]}; nothing registered; "
             "ledger unchanged; no partial file", bad_registrations=0, ledger_delta=0)
+
+
+CORRUPT_IMAGES = {"corrupt PNG": corrupt, "truncated PNG": truncate_png,
+                  "text file named .png": lambda root, ctx: one_image(root).write_text("not an image")}
+
+
+@pytest.mark.parametrize("command", ["eval", "forget"])
+@pytest.mark.parametrize("kind", list(CORRUPT_IMAGES))
+def test_eval_and_forget_name_a_corrupt_image_on_one_line(command, kind, ctx, tmp_path, monkeypatch, checked):
+    """`clipforget eval` and `clipforget forget` (the commands without orchestration) on a data folder holding one
+    bad image: exit 2 with one error line naming the file, no traceback, nothing written."""
+    ws = tmp_path
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("CLIPFORGET_CACHE", str(ws / "cache"))
+    data_case(CORRUPT_IMAGES[kind])(ws, ctx)
+    bad = one_image(ws / "data")
+    args = {"eval": ["eval", "--data", str(ws / "data"), "--json", str(ws / "out.json")],
+            "forget": ["forget", "--mode", "global", "--classes", "star", "--data", str(ws / "data"),
+                       "--prototypes-per-cell", "2", "--steps", "10", "--out", str(ws / "out.safetensors"),
+                       "--json", str(ws / "out.json")]}[command]
+    files = tree_state(ws)
+
+    result = CliRunner().invoke(app, args)
+
+    out = result.output
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), out
+    assert len(errors) == 1 and f"image {bad} is not a readable image" in errors[0], out
+    assert "Traceback" not in out, out
+    assert partial_files(files, tree_state(ws)) == []
+    checked(f"`clipforget {command}` on a {kind}: exit 2; one error line: {errors[0][len('error: '):][:160]}; "
+            "no traceback; nothing written", bad_registrations=0)
