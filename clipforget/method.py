@@ -39,6 +39,9 @@ class NullspaceConfig:
     margin_steps: int = 300
     margin_start: Literal["identity", "soft"] = "identity"  # refine from I, or from the soft projection of lam/mu
     retain_margin: float = 0.0  # 0: the forget margin; else how much of its own margin a retain prototype keeps
+    # the radius within which a prototype of a forgotten class in a kept domain keeps its margin (first order;
+    # clipforget.margin): images lie farther from their cell's prototypes than the prototypes from each other
+    same_class_radius: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -178,10 +181,12 @@ def fit_margin_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: 
         r, rl, owners = f[:0], fl[:0], []
     forget_classes = {c.cls for c in forget}
     rw = torch.tensor([config.same_class_weight if o.cls in forget_classes else 1.0 for o in owners])
+    same = torch.tensor([o.cls in forget_classes for o in owners], dtype=torch.bool)
     start = None
     if config.margin_start == "soft":
         start = fit_projection(forget, retain, text, protos, replace(config, kind="soft")).P
     return margin_projection(f, fl, r, rl, rows, margin=config.margin, weight=config.margin_weight,
                              steps=config.margin_steps, retain_weights=rw, start=start,
-                             retain_margin=config.retain_margin or None)
+                             retain_margin=config.retain_margin or None, retain_radius=config.same_class_radius,
+                             robust_retain=same)
 
