@@ -238,7 +238,8 @@ def markdown(out: dict) -> str:
     lines = ["# Request benchmark: is the gate's verdict right?", "",
              "Regenerate with `python bench/requests.py --json runs/requests.json --markdown docs/REQUESTS.md` (with "
              "the prototype bank filled, about 4 minutes on 2 CPU cores). Settings were chosen on validation renders "
-             "(seeds 1 and 5: `--render-seed 1`); this table is a render no choice was made on.", "",
+             "(seeds 1 and 5: `--render-seed 1`); this table is a render no choice was made on. What was tried against "
+             "false approvals, with its numbers on the validation renders: docs/GATE.md.", "",
              f"Render seed {out['render_seed']} ({out['per_cell']} images per cell), held-out prototypes "
              f"{out['heldout_per_cell']} per cell, CPU capability {out['hardware']['cpu_capability']}, "
              f"{out['seconds']} s.", ""]

@@ -1,0 +1,59 @@
+"""The margin-aware map (clipforget.margin): forget samples lose their class, retain samples keep it, and with
+`retain_radius` the flagged retain samples keep their margin in a ball around them, not only at the point."""
+
+import torch
+import torch.nn.functional as F
+
+from clipforget.margin import _margins, _robust_margins, margin_projection
+
+
+def _toy(seed: int = 0):
+    """Two classes along e0/e1, two 'domains' along e2/e3: forget class 0 in domain A, keep it in domain B."""
+    g = torch.Generator().manual_seed(seed)
+    d = 8
+    eye = torch.eye(d, dtype=torch.float64)
+    classifier = F.normalize(eye[:2] + 0.1 * torch.randn(2, d, generator=g, dtype=torch.float64), dim=-1)
+
+    def cell(cls: int, dom: int, n: int = 12) -> torch.Tensor:
+        return F.normalize(eye[cls] + 0.6 * eye[2 + dom] + 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64),
+                           dim=-1)
+
+    forget = cell(0, 0)
+    retain = torch.cat([cell(0, 1), cell(1, 0), cell(1, 1)])
+    rl = torch.tensor([0] * 12 + [1] * 24)
+    return forget, torch.zeros(12, dtype=torch.long), retain, rl, classifier
+
+
+def test_robust_margin_gradient_matches_autograd():
+    forget, _, retain, rl, classifier = _toy()
+    P = torch.eye(8, dtype=torch.float64) + 0.1 * torch.randn(8, 8, generator=torch.Generator().manual_seed(2),
+                                                               dtype=torch.float64)
+    m, gnorm = _robust_margins(retain, classifier, rl, P)
+    h = retain.clone().requires_grad_()
+    auto = _margins(h @ P.T, classifier, rl)
+    (grad,) = torch.autograd.grad(auto.sum(), h)
+    assert torch.allclose(m, auto.detach())
+    assert torch.allclose(gnorm, grad.norm(dim=-1), atol=1e-10)
+
+
+def test_margin_map_forgets_one_cell_and_keeps_the_rest():
+    forget, fl, retain, rl, classifier = _toy()
+    proj = margin_projection(forget, fl, retain, rl, classifier, margin=0.2, weight=100.0, steps=200)
+    assert (_margins(forget @ proj.P.T, classifier, fl) < 0).all()
+    assert (_margins(retain @ proj.P.T, classifier, rl) > 0).all()
+
+
+def test_retain_radius_widens_the_kept_margin_of_flagged_rows():
+    forget, fl, retain, rl, classifier = _toy()
+    same = torch.tensor([True] * 12 + [False] * 24)  # class 0 in the kept domain
+    kw = dict(margin=0.3, weight=100.0, steps=200, retain_margin=1.0)
+    plain = margin_projection(forget, fl, retain, rl, classifier, **kw)
+    robust = margin_projection(forget, fl, retain, rl, classifier, retain_radius=0.1, robust_retain=same, **kw)
+    assert robust.params["retain_radius"] == 0.1
+
+    def worst(P: torch.Tensor) -> float:  # first-order worst-case margin within 0.1 of the flagged rows
+        m, g = _robust_margins(retain[same], classifier, rl[same], P)
+        return float((m - 0.1 * g).min())
+
+    assert worst(robust.P) > worst(plain.P)
+    assert (_margins(forget @ robust.P.T, classifier, fl) < 0).all()
