@@ -40,7 +40,7 @@ class NullspaceConfig:
     margin_start: Literal["identity", "soft"] = "identity"  # refine from I, or from the soft projection of lam/mu
     retain_margin: float = 0.0  # 0: the forget margin; else how much of its own margin a retain prototype keeps
     # the radius within which a prototype of a forgotten class in a kept domain keeps its margin (first order;
-    # clipforget.margin): images lie farther from their cell's prototypes than the prototypes from each other
+    # clipforget.method.margin): images lie farther from their cell's prototypes than the prototypes from each other
     same_class_radius: float = 0.0
 
     def to_dict(self) -> dict:

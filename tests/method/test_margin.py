@@ -1,10 +1,10 @@
-"""The margin-aware map (clipforget.margin): forget samples lose their class, retain samples keep it, and with
+"""The margin-aware map (clipforget.method.margin): forget samples lose their class, retain samples keep it, and with
 `retain_radius` the flagged retain samples keep their margin in a ball around them, not only at the point."""
 
 import torch
 import torch.nn.functional as F
 
-from clipforget.margin import _margins, _robust_margins, margin_projection
+from clipforget.method.margin import _margins, _robust_margins, margin_projection
 
 
 def _toy(seed: int = 0):
