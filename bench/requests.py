@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--kinds", default=None, help="comma-separated projection kinds to compare (default: the mode's)")
     ap.add_argument("--requests", type=int, default=0, help="only the first N requests (0: all)")
     ap.add_argument("--no-lineage", action="store_true")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="synthesis precision of projection and held-out prototypes (auto: as the hardware does best)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
@@ -85,7 +87,7 @@ def main() -> None:
     grid = resolve_grid("toy")
     templates = TemplateSet()
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
-    settings = SynthesisSettings()
+    settings = SynthesisSettings(precision=args.precision)
     synth = settings.config("toy")
     held_n = args.heldout_per_cell or settings.heldout_per_cell
     bank = PrototypeBank(cache_root() / "prototypes")

@@ -144,6 +144,8 @@ def offline_prefect() -> None:
     from flows import interrupt
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline by default; no telemetry
+    # Prefect's temporary server gets 20 s to start by default, which a loaded 2-core machine can miss
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     interrupt.install(" ".join(["clipforget", *(a for a in sys.argv[1:3] if not a.startswith("-"))]))
 
 
