@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from clipforget.io.bank import load_prototypes
 from clipforget.io.checkpoints import TOY_WEIGHTS
 from clipforget.method.grid import Cell
-from clipforget.method.synthesis import SynthesisConfig
+from clipforget.method.synthesis import SynthesisConfig, resolve_precision
 from clipforget.steps import save_text
 from flows.fanout import fill_bank, fill_bank_routed
 from flows.runners import task_runner
@@ -143,6 +143,10 @@ def test_routed_synthesis_runs_the_gpu_deployment_only_for_missing_cells(inputs,
     monkeypatch.setattr(prefect.deployments, "run_deployment", deployment("fill"))
     out = routed(**tiny)
     assert out["synthesized"] == 2 and out["reused"] == 0 and all(Path(p).is_file() for p in out["paths"])
-    assert calls[-1] == {"name": "synthesize-prototypes/gpu", "timeout": None, **tiny, "with_images": False}
+    # `precision: auto` is decided here, where the bank is keyed, and sent to the gpu pool decided
+    decided = {**tiny["synthesis"], "precision": resolve_precision(tiny["synthesis"]["precision"], "cpu")}
+    assert decided["precision"] in ("fp32", "bf16")
+    assert calls[-1] == {"name": "synthesize-prototypes/gpu", "timeout": None, **tiny, "synthesis": decided,
+                         "with_images": False}
     again = routed(**tiny)  # every cell banked: no deployment run
     assert len(calls) == 3 and again["synthesized"] == 0 and again["paths"] == out["paths"]
