@@ -19,8 +19,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# two pytest workers, one test file each at a time: much of the suite waits on servers and subprocesses, so a
+# second worker fills the idle core (tests/conftest.py gives each worker one torch thread)
 test: install lint
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 results: install
 	$(VENV)/bin/python bench/results.py --json runs/results.json --markdown docs/RESULTS.md

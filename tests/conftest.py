@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,12 @@ from clipforget.method.projection import cell_text_embeddings, text_targets
 from clipforget.method.prompts import TemplateSet
 from clipforget.method.synthesis import SynthesisConfig, synthesize
 from clipforget.toyworld.render import render_cells
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # workers share the cores: one torch thread each, here and in the processes the tests start (two processes
+    # with two threads each on two cores run many times slower than one thread each)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 TEST_SEED = 3  # training used seed 0, setting choices seed 1, docs/RESULTS.md seed 2
 PER_CELL = 50

@@ -32,15 +32,16 @@ def layer(module: str) -> int | None:
     return best
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> list[tuple[int, str]]:
+def imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
     """(line, imported module) for every import in the file, relative imports resolved."""
     out = []
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    me = module_name(path, root)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
@@ -51,7 +52,7 @@ def imports(path: Path) -> list[tuple[int, str]]:
                 base = ".".join(up + ([base] if base else []))
             out.append((node.lineno, base))
             out += [(node.lineno, f"{base}.{a.name}") for a in node.names if layer(f"{base}.{a.name}") is not None
-                    and (ROOT / Path(*f"{base}.{a.name}".split("."))).is_dir()]
+                    and (root / Path(*f"{base}.{a.name}".split("."))).is_dir()]
     return out
 
 
@@ -59,15 +60,15 @@ def sources() -> list[Path]:
     return sorted(p for top in ("clipforget", "tasks", "flows") for p in (ROOT / top).rglob("*.py"))
 
 
-def violations(files: list[Path]) -> list[str]:
+def violations(files: list[Path], root: Path = ROOT) -> list[str]:
     found = []
     for path in files:
-        me = module_name(path)
+        me = module_name(path, root)
         mine = layer(me)
         assert mine is not None, me
-        for line, target in imports(path):
+        for line, target in imports(path, root):
             theirs = layer(target)
-            where = f"{path.relative_to(ROOT)}:{line}"
+            where = f"{path.relative_to(root)}:{line}"
             if theirs is not None and theirs > mine:
                 found.append(f"{where}: {me} ({ORDER[mine]}) imports {target} ({ORDER[theirs]})")
             if ORDER[mine] in PURE and target.split(".")[0] in SERVICES:
@@ -89,11 +90,11 @@ def test_no_module_imports_a_layer_above_its_own():
     ("from clipforget.governance import ledger\n", "clipforget.gate"),
 ], ids=["method imports an adapter", "adapter imports tasks", "tasks import flows",
         "pure code imports prefect in a function", "gate imports the governance package"])
-def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch, source, bad):
-    package = ROOT.joinpath(*bad.split("."))
-    probe = package / "_layer_probe_test.py"  # a real file in that layer, removed at once
+def test_the_rule_catches_an_upward_import(tmp_path, source, bad):
+    for top in ("clipforget", "tasks", "flows"):  # the packages' folders, so package imports resolve as in the repo
+        for d in [ROOT / top, *(ROOT / top).rglob("*")]:
+            if d.is_dir() and "__pycache__" not in d.parts:
+                (tmp_path / d.relative_to(ROOT)).mkdir(parents=True, exist_ok=True)
+    probe = tmp_path.joinpath(*bad.split(".")) / "probe.py"  # a module of that layer, in a copy of the tree
     probe.write_text(source)
-    try:
-        assert len(violations([probe])) == 1
-    finally:
-        probe.unlink()
+    assert len(violations([probe], tmp_path)) == 1
