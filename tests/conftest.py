@@ -58,6 +58,24 @@ def text_bank(toy, toy_grid):
 
 
 @pytest.fixture(scope="session")
-def prototype_bank(toy, toy_grid, text_bank):
-    """The default synthesis settings of `clipforget forget`, for every cell of the toy grid."""
-    return synthesize(toy.model, text_targets(text_bank, toy_grid.cells), toy_grid.cells, SynthesisConfig())
+def prototype_bank(toy, toy_grid, text_bank, tmp_path_factory):
+    """The default synthesis settings of `clipforget forget`, for every cell of the toy grid.
+
+    Under pytest-xdist the workers share one prototype bank in this run's temporary folder: the first worker to
+    get there synthesizes (one thread, so the bits do not depend on which worker it is), the other loads its files.
+    """
+    targets = text_targets(text_bank, toy_grid.cells)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return synthesize(toy.model, targets, toy_grid.cells, SynthesisConfig())
+    import fcntl
+
+    from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
+
+    shared = tmp_path_factory.getbasetemp().parent / "shared-prototype-bank"  # this run's, common to its workers
+    shared.mkdir(exist_ok=True)
+    config = SynthesisConfig().resolved(toy.device)
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        paths, _ = synthesize_with_bank(toy.model, dict(zip(toy_grid.cells, targets, strict=True)), toy_grid.cells,
+                                        config, toy.sha256 or "", PrototypeBank(shared))
+    return load_prototypes(paths, config)

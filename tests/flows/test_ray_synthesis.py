@@ -62,7 +62,13 @@ def _run(runner, inputs: dict, cache: Path, monkeypatch) -> dict:
     with get_client(sync_client=True) as client:
         assert state.state_details.flow_run_id is not None
         ids = FlowRunFilterId(any_=[state.state_details.flow_run_id])
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=ids))
+        # the API records task runs from events, a moment after they ran: wait for them (a busy machine lags)
+        deadline = time.monotonic() + 60
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=ids))
+            if len(runs) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     chunk_lines = [line for line in lines if line.startswith("chunk ")]
     return {**out, "plan": [line for line in lines if " tasks of up to " in line],
             "seconds": time.perf_counter() - t0, "task_runs": [r.name.rsplit("-", 1)[0] for r in runs],
