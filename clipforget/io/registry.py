@@ -11,16 +11,19 @@ Tracking URI: `MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` with artifacts i
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from clipforget.io.card import model_card
+
+T = TypeVar("T")
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -51,6 +54,33 @@ TAG_ROLLED_BACK = "clipforget.rolled_back"  # on a version moved off `champion` 
 # MLflow tags a run with the tracking username (MLFLOW_TRACKING_USERNAME) as `mlflow.user`: a credential stays out
 RUN_USER = {"mlflow.user": "clipforget"}
 MAX_TAG_VALUE = 5000  # MLflow's limit on a tag value
+
+
+_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def _restores_mlflow_uris(fn: Callable[..., T]) -> Callable[..., T]:
+    """MLflow's fluent API (runs, model logging, artifact downloads) is pointed at a server by process-wide setters,
+    which also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI for subprocesses. Put both back after `fn`: a registry
+    call must not redirect what the process does next (a later MlflowClient without a registry URI follows them)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        saved = tracking_utils._tracking_uri, registry_utils._registry_uri, {k: os.environ.get(k) for k in _URI_ENV}
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            tracking_utils._tracking_uri, registry_utils._registry_uri = saved[0], saved[1]
+            for k, v in saved[2].items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    return wrapper
 
 
 def tracking_uri() -> str:
@@ -172,6 +202,7 @@ def pip_requirements() -> list[str]:
     return [f"torch=={version('torch').split('+')[0]}", *pins]
 
 
+@_restores_mlflow_uris
 def register(
     name: str,
     request_id: str,
@@ -274,6 +305,7 @@ def picture_links(run_id: str, pictures: Mapping[str, str | Path], uri: str | No
     return {k: artifact_url(run_id, f"{PICTURES_DIR}/{Path(p).name}", uri) for k, p in pictures.items()}
 
 
+@_restores_mlflow_uris
 def log_rejected(request_id: str, tags: Mapping[str, str], report: Mapping[str, Any],
                  pictures: Mapping[str, str | Path], uri: str | None = None) -> tuple[str, dict[str, str]]:
     """A run for a build the gate rejected (nothing is registered): its report and pictures. (run id, links)"""
@@ -376,6 +408,7 @@ def show(ref: str, uri: str | None = None) -> dict:
     return {"name": name, "aliases": aliases, "versions": rows}
 
 
+@_restores_mlflow_uris
 def load_pyfunc(model_uri: str, uri: str | None = None) -> Any:
     """A registered model as MLflow pyfunc (`models:/NAME@alias`, `models:/NAME/version`, runs:/...)."""
     import mlflow
@@ -423,6 +456,7 @@ def versions(name: str, uri: str | None = None) -> list[dict]:
         raise
 
 
+@_restores_mlflow_uris
 def download_weights(name: str, version: str, dst: Path, uri: str | None = None) -> Path:
     """The registered version's unlearned checkpoint, downloaded from the artifact store into `dst`."""
     import mlflow
@@ -438,6 +472,7 @@ def download_weights(name: str, version: str, dst: Path, uri: str | None = None)
 GOVERNANCE_EXPERIMENT = "clipforget-governance"
 
 
+@_restores_mlflow_uris
 def log_governance(report: Mapping[str, Any], markdown: str, plot: Path | None, uri: str | None = None) -> str:
     """An MLflow run in the `clipforget-governance` experiment holding the compliance report; its run id."""
     import mlflow
@@ -459,6 +494,7 @@ def log_governance(report: Mapping[str, Any], markdown: str, plot: Path | None, 
         return str(run.info.run_id)
 
 
+@_restores_mlflow_uris
 def download_model(ref: str, dst: Path, uri: str | None = None) -> tuple[dict, Path]:
     """A registered version (NAME@alias, NAME/version, models:/...) and its model folder downloaded into `dst`."""
     import mlflow
