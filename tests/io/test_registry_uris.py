@@ -9,6 +9,12 @@ from clipforget.io import registry
 
 
 def test_a_registry_call_puts_the_mlflow_uris_back(monkeypatch):
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    # start from a process whose MLflow was never pointed anywhere (earlier tests in this worker may have)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
 

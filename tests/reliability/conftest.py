@@ -116,14 +116,3 @@ def checked(record_property):
             record_property(k, json.dumps(v))
 
     return record
-
-
-@pytest.fixture(autouse=True)
-def _endpoints_of_this_folder(request, monkeypatch):
-    """Each test that uses `servers` sees them in its environment too. Under pytest-xdist a worker may start these
-    servers first and tests/flows' own later (whose fixtures point the environment at theirs), so the environment
-    is set again per test rather than trusted from the session's start."""
-    if "servers" in request.fixturenames:
-        servers = request.getfixturevalue("servers")
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", servers["mlflow"])
-        monkeypatch.setenv("AWS_ENDPOINT_URL", servers["endpoint"])
