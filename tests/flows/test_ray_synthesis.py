@@ -99,8 +99,10 @@ def test_ray_fan_out_gives_the_in_process_bits_and_a_full_bank_submits_nothing(i
         assert run["second"] == {**run["second"], "synthesized": 0, "reused": 4, "paths": run["first"]["paths"]}
         assert all(Path(p).is_file() and Path(p).is_relative_to(cache) for p in run["first"]["paths"])
         # two chunks of two cells in the first call, nothing submitted in the second
-        assert run["task_runs"].count("synthesize_chunk") == 2 and len(run["task_runs"]) == 2
+        # (counted from the chunks' own log lines: the API records task runs from events, which a busy worker
+        # process may not have flushed when the flow returns)
         assert len(run["chunk_lines"]) == 2
+        assert set(run["task_runs"]) <= {"synthesize_chunk"} and len(run["task_runs"]) <= 2
     assert remote["ray"] and not local["ray"]
     assert "on Ray, 0.5 GPU/task" in remote["plan"][0] and "in-process" in local["plan"][0]
     assert local["pids"] == {os.getpid()}
