@@ -18,7 +18,6 @@ from flows.cli.common import (
     report_of,
     request_app,
     user_errors,
-    validation_message,
 )
 
 
@@ -36,19 +35,10 @@ def request_submit(
     json_out: Path = typer.Option(None, "--json", help="Where to write the report (default runs/request-ID.json)."),
 ) -> None:
     """Validate a deletion request, append it to the ledger and build + register the cumulative model."""
-    import pydantic
-
-    from clipforget.governance.request import DeletionRequest, ModelPolicy, read_json_file
+    from clipforget.governance.request import DeletionRequest, ModelPolicy
     from tasks.record import ledger_location
 
-    try:
-        request = DeletionRequest.model_validate_json(read_json_file(file, "request"))
-    except FileNotFoundError:
-        fail(FileNotFoundError(f"request file {file} does not exist"))
-    except pydantic.ValidationError as e:
-        fail(ValueError(f"{file}: {validation_message(e)}"))
-    except ValueError as e:  # too large, not UTF-8
-        fail(e)
+    request = load_model_json(DeletionRequest, file, "request")
     policy = load_model_json(ModelPolicy, policy_file, "policy")
     location = ledger_location(ledger)
     try:
