@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
+import testservers
 import torch
 
-from clipforget.io.checkpoints import load_model
+from clipforget.io.checkpoints import TOY_WEIGHTS, load_model, sha256_file
 from clipforget.method.evaluate import LabelledImages, ZeroShotClassifier, image_features
 from clipforget.method.grid import resolve_grid
 from clipforget.method.projection import cell_text_embeddings, text_targets
@@ -79,3 +80,84 @@ def prototype_bank(toy, toy_grid, text_bank, tmp_path_factory):
         paths, _ = synthesize_with_bank(toy.model, dict(zip(toy_grid.cells, targets, strict=True)), toy_grid.cells,
                                         config, toy.sha256 or "", PrototypeBank(shared))
     return load_prototypes(paths, config)
+
+
+# --- real servers, once per process (tests/flows and tests/reliability both use these) ---
+
+BUCKET = "clipforget-test"
+# the evaluation set of the core's target tests (tests/test_toy_targets.py: render seed 3, 50 per cell), so
+# the pipeline's gate sees what those tests see; training used render seed 0
+EVAL_SEED, EVAL_PER_CELL = 3, 50
+
+
+
+@pytest.fixture(scope="session")
+def pipeline_env(tmp_path_factory):
+    """Isolated cache, fake AWS credentials, no telemetry; restored afterwards."""
+    root = tmp_path_factory.mktemp("pipeline")
+    updates = {"CLIPFORGET_CACHE": str(root / "cache"), "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOCAL_STORAGE_PATH": str(root / "prefect-results"),
+               "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
+    for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
+        updates.setdefault(key, "")
+    saved = {k: os.environ.get(k) for k in updates}
+    for k, v in updates.items():
+        if v:
+            os.environ[k] = v
+        else:
+            os.environ.pop(k, None)
+    yield root
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3(pipeline_env):
+    """A moto S3 server over HTTP: s3://BUCKET/models/toy.safetensors (sha256 metadata) and
+    s3://BUCKET/eval/toy/<domain>/<class>/<i>.png."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from clipforget.io.registry import encode_png
+    from clipforget.method.data import cell_dir
+    from clipforget.method.grid import Cell, resolve_grid
+    from clipforget.toyworld.render import render_cells
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    sha = sha256_file(TOY_WEIGHTS)
+    client.upload_file(str(TOY_WEIGHTS), BUCKET, "models/toy.safetensors", ExtraArgs={"Metadata": {"sha256": sha}})
+    images, cells = render_cells(resolve_grid("toy").cells, EVAL_PER_CELL, EVAL_SEED)
+    counts: dict = {}
+    for image, (cls, domain) in zip(images, cells, strict=True):
+        cell = Cell(cls, domain)
+        i = counts[cell] = counts.get(cell, -1) + 1
+        key = (cell_dir("eval/toy", cell) / f"{i}.png").as_posix()
+        client.put_object(Bucket=BUCKET, Key=key, Body=encode_png(image))
+    yield {"endpoint": os.environ["AWS_ENDPOINT_URL"], "bucket": BUCKET, "client": client, "sha256": sha,
+           "checkpoint": f"s3://{BUCKET}/models/toy.safetensors", "eval": f"s3://{BUCKET}/eval/toy/"}
+    server.stop()
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(pipeline_env):
+    """A real `mlflow server` subprocess (SQLite backend, proxied artifacts) on a free local port."""
+    with testservers.mlflow_server(pipeline_env / "mlflow") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(pipeline_env):
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
