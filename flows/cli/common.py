@@ -137,16 +137,51 @@ def load_model_json(cls: Any, path: Path | None, what: str) -> Any:
         fail(e)
 
 
-def offline_prefect() -> None:
-    """Before a command runs flows: no telemetry, and SIGTERM/Ctrl-C stop it within seconds (flows/interrupt.py)."""
+_server_start: Any = None  # the thread starting Prefect's temporary server early (offline_prefect)
+
+
+def offline_prefect(start_server: bool = True) -> None:
+    """Before a command runs flows: no telemetry, SIGTERM/Ctrl-C stop it within seconds (flows/interrupt.py), and
+    without a Prefect server to talk to, the temporary one starts now, in the background, while the command imports
+    torch and the flows (`prefect_ready` waits for it; call it before anything talks to Prefect): the two take a few
+    seconds each (docs/BENCHMARKS.md)."""
     import os
+    import threading
 
     from flows import interrupt
 
+    global _server_start
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline by default; no telemetry
     # Prefect's temporary server gets 20 s to start by default, which a loaded 2-core machine can miss
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     interrupt.install(" ".join(["clipforget", *(a for a in sys.argv[1:3] if not a.startswith("-"))]))
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if start_server and _server_start is None and not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        from prefect.server.api.server import SubprocessASGIServer
+
+        def start() -> None:
+            try:
+                SubprocessASGIServer().start()  # the instance Prefect's client uses; it stops it at exit
+            except Exception:  # noqa: BLE001  (the flow's own start then tries again and reports)
+                pass
+
+        # not a daemon: the process waits for it before exiting, so Prefect's own exit hook stops the server it started
+        _server_start = threading.Thread(target=start, name="prefect-server-start")
+        _server_start.start()
+
+
+def prefect_ready() -> None:
+    """Load torch and open_clip (every flow's first steps need them) while the temporary server that
+    `offline_prefect` started early comes up, then wait for it (up, or failed to start)."""
+    import torch  # noqa: F401
+
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:  # pragma: no cover - a dependency; the flow reports it
+        pass
+    if _server_start is not None:
+        _server_start.join()
 
 
 def report_of(json_out: Path, state: Any) -> dict:

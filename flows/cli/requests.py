@@ -15,6 +15,7 @@ from flows.cli.common import (
     grid_of,
     load_model_json,
     offline_prefect,
+    prefect_ready,
     report_of,
     request_app,
     user_errors,
@@ -47,7 +48,7 @@ def request_submit(
             request.cells(grid_of(policy.grid, policy.arch, None))
     except user_errors() as e:
         fail(e)
-    offline_prefect()
+    offline_prefect(start_server=not no_build)
     if deployment:
         from prefect.deployments import run_deployment
 
@@ -57,6 +58,7 @@ def request_submit(
             parameters["policy"] = policy.model_dump()
         if ledger is not None:
             parameters["ledger"] = ledger
+        prefect_ready()
         run = run_deployment(deployment, timeout=0, parameters=parameters)
         typer.echo(f"submitted {request.request_id} to deployment {deployment}: flow run {run.id} ({run.name})")
         return
@@ -74,6 +76,7 @@ def request_submit(
 
     json_out = json_out or Path("runs") / f"request-{request.request_id}.json"
     json_out.unlink(missing_ok=True)
+    prefect_ready()
     state = deletion_request(request, policy, location, promote, str(json_out), return_state=True)
     report = report_of(json_out, state)
     reg = report.get("registered")
