@@ -101,7 +101,7 @@ def main() -> None:
     t = time.perf_counter()
     protos, _ = banked(synth, False)
     held, _ = banked(heldout_config(synth, held_n), True)
-    protos.config = held.config = synth.resolved(loaded.device)
+    protos.config = held.config = synth.resolved(loaded.device, loaded.model)
     synth_s = time.perf_counter() - t
     assert held.images is not None
     held_set = LabelledImages.from_arrays(held.images, held.cells, loaded.preprocess)

@@ -91,7 +91,7 @@ def prototypes_for(loaded: LoadedModel, grid: Grid, text: dict[Cell, torch.Tenso
         return synthesize(loaded.model, targets, grid.cells, synthesis, progress, return_images=with_images)
     paths, _ = synthesize_with_bank(loaded.model, dict(zip(grid.cells, targets, strict=True)), grid.cells, synthesis,
                                     loaded.sha256, bank, with_images, progress)
-    return load_prototypes(paths, synthesis.resolved(loaded.device))
+    return load_prototypes(paths, synthesis.resolved(loaded.device, loaded.model))
 
 
 def heldout_images(loaded: LoadedModel, grid: Grid, synthesis: SynthesisConfig, per_cell: int,

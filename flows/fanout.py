@@ -20,13 +20,22 @@ from tasks.build import precision_report, synthesize_chunk
 from tasks.common import work_root
 
 
-def _decided(synthesis: dict) -> dict:
+def _decided(synthesis: dict, arch: str, checkpoint: str, sha256: str) -> dict:
     """The settings with `precision: auto` decided here, by the process that keys the bank: the chunks, Ray
     workers and the gpu pool's deployment then synthesize at exactly the precision the bank files are named
-    for (a worker deciding `auto` for its own device would bank cells under keys this process never reads)."""
+    for (a worker deciding `auto` for its own device would bank cells under keys this process never reads).
+    On a CPU with native bf16 the decision measures the model (clipforget.method.synthesis.measured_cpu_precision),
+    loaded here once for it."""
     from clipforget.io.checkpoints import pick_device
+    from clipforget.method.synthesis import cpu_has_native_bf16
 
-    return asdict(SynthesisConfig(**synthesis).resolved(pick_device()))
+    config, device = SynthesisConfig(**synthesis), pick_device()
+    model = None
+    if config.precision == "auto" and device.type == "cpu" and cpu_has_native_bf16():
+        from tasks.common import loaded_model
+
+        model = loaded_model(arch, checkpoint, sha256).model
+    return asdict(config.resolved(device, model))
 
 
 def _logger() -> Any:
@@ -66,7 +75,7 @@ def fill_bank(arch: str, checkpoint: str, sha256: str, text_file: str, cells: li
 
     t0 = time.perf_counter()
     logger = _logger()
-    synthesis = _decided(synthesis)
+    synthesis = _decided(synthesis, arch, checkpoint, sha256)
     config = SynthesisConfig(**synthesis)
     bank = PrototypeBank(work_root() / "prototypes")
     wanted = parse_cells(cells)
@@ -149,7 +158,7 @@ def fill_bank_routed(arch: str, checkpoint: str, sha256: str, text_file: str, ce
     Without the variable, or with every cell banked: `fill_bank(...)` in this flow.
     """
     name = os.environ.get(SYNTHESIS_DEPLOYMENT_ENV)
-    synthesis = _decided(synthesis)
+    synthesis = _decided(synthesis, arch, checkpoint, sha256)
     config = SynthesisConfig(**synthesis)
     bank = PrototypeBank(work_root() / "prototypes")
     missing = _missing(bank, sha256, cells, config, with_images) if name else []

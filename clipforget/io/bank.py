@@ -131,6 +131,7 @@ def synthesize_with_bank(
     Each cell is banked as soon as its prototypes are finished: an interrupted run keeps the finished cells,
     and a rerun synthesizes only the rest."""
     t0 = time.perf_counter()
+    config = config.resolved(next(model.parameters()).device, model)  # `auto` decided with the model, then keyed
     missing = [c for c in dict.fromkeys(cells) if not bank.has(checkpoint_sha256, c, config, with_images)]
     if missing:
         synthesize(model, torch.stack([targets[c] for c in missing]), missing, config, progress,

@@ -81,6 +81,43 @@ def test_precision_follows_the_hardware(monkeypatch):
         SynthesisConfig(precision="fp8")
 
 
+class _Timed(torch.nn.Module):
+    """A model whose synthesis step is slow in one precision: what a measurement must see through."""
+
+    def __init__(self, slow: str, seconds: float = 0.03) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 4)
+        self.visual = torch.nn.Module()
+        self.visual.image_size = 8
+        self.slow, self.seconds = slow, seconds
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        bf16 = torch.is_autocast_enabled("cpu")
+        time.sleep(self.seconds if (self.slow == "bf16") == bf16 else 0.0)
+        return self.proj(x.mean((2, 3)))
+
+
+def test_auto_measures_the_model_on_a_bf16_cpu(monkeypatch):
+    """On a CPU with native bf16, `auto` keeps bf16 unless the model's own synthesis step is clearly faster in fp32
+    (ViT-B-32 is, on such a CPU); the measurement is reported with the hardware, and the bank keys the decision."""
+    import clipforget.method.synthesis as S
+    from clipforget.io.bank import settings_key
+
+    monkeypatch.setattr(S, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(S, "_MEASURED", {})
+    slow_bf16, slow_fp32 = _Timed("bf16"), _Timed("fp32", 0.031)  # two shapes: measured apart
+    slow_fp32.proj = torch.nn.Linear(3, 5)
+    assert S.resolve_precision("auto", "cpu", slow_bf16) == "fp32"
+    assert S.resolve_precision("auto", "cpu", slow_fp32) == "bf16"
+    assert S.resolve_precision("bf16", "cpu", slow_bf16) == "bf16"  # an explicit choice is not second-guessed
+    assert SynthesisConfig().resolved("cpu", slow_bf16).precision == "fp32"
+    assert settings_key(SynthesisConfig().resolved("cpu", slow_bf16))["precision"] == "fp32"
+    assert "_Timed" in S.hardware_summary("cpu")["measured_image_steps_per_s"]
+    assert all(p.requires_grad for p in slow_bf16.parameters())  # the model is left as it was
+
+
 def test_progress_starts_at_once_and_ends_done(toy, text_bank):
     seen = []
     cfg = SynthesisConfig(prototypes_per_cell=2, steps=20, target_cosine=0.3, check_every=5, seed=1, precision="fp32")
