@@ -110,4 +110,10 @@ def rebuild(policy: ModelPolicy | None = None, ledger: str | None = None, head: 
     entries = led.up_to(led.resolve(head)) if head else led.entries()
     if not entries:
         raise ValueError(f"ledger {location} has no entries: nothing to rebuild")
-    return run_pipeline(ledger_build(policy, entries, location, "rebuild"), register=False)
+    build = ledger_build(policy, entries, location, "rebuild")
+    # the settings the registered version was built with, not today's defaults (an upgrade may have changed them)
+    recorded = registry.recorded_settings(policy.registered_name, build.version_id) if policy.registered_name else None
+    build.settings = recorded
+    build.report["settings_from"] = "the registered version's run" if recorded else "this release's defaults"
+    get_run_logger().info("rebuilding with the settings of %s", build.report["settings_from"])
+    return run_pipeline(build, register=False)

@@ -8,9 +8,10 @@ the report says why and the caller ends its run Failed ("rejected").
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger
 
@@ -19,7 +20,8 @@ from clipforget.governance.request import ModelPolicy
 from clipforget.io.atomic import write_json
 from clipforget.io.registry import Registration
 from clipforget.method.grid import Grid, forget_cells, resolve_grid, retain_cells
-from clipforget.method.projection import default_config
+from clipforget.method.projection import NullspaceConfig, default_config
+from clipforget.method.synthesis import SynthesisConfig
 from clipforget.runner import heldout_config
 from clipforget.steps import cell_names, checkpoint_metadata
 from flows.fanout import fill_bank_routed
@@ -55,11 +57,25 @@ class Build:
     params: dict = field(default_factory=dict)  # extra MLflow params (a request's mode, classes, domains)
     tags: dict[str, str] = field(default_factory=dict)  # extra version tags (ledger head, request ids)
     report: dict = field(default_factory=dict)  # extra report fields
+    # settings recorded with a registered version ({"synthesis": {...}, "nullspace": {...}}, MLflow's strings) that
+    # replace today's defaults: a rebuild builds what was built even after an upgrade changed a default
+    settings: dict | None = None
 
     @property
     def mode(self) -> str:
         """The mode label: one mode, or the modes of a cumulative build joined by '+'."""
         return "+".join(dict.fromkeys(s["mode"] for s in self.specs))
+
+
+def typed_settings(cls: type, recorded: Mapping[str, str]) -> dict[str, Any]:
+    """Recorded settings (strings) back to the field types of the dataclass `cls`; names it no longer has are dropped."""
+    defaults = cls()
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name in recorded:
+            default, value = getattr(defaults, f.name), recorded[f.name]
+            out[f.name] = value == "True" if isinstance(default, bool) else type(default)(value)
+    return out
 
 
 Inputs = tuple[dict, str | None, Grid]  # base checkpoint {path, sha256, uri}, evaluation data folder, grid
@@ -106,6 +122,9 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     synthesis = policy.synthesis.config(policy.arch)
     nullspace = default_config(cumulative_mode([g.mode for g in forget_groups]), kind=policy.projection,
                                source=policy.source)
+    if build.settings:
+        synthesis = replace(synthesis, **typed_settings(SynthesisConfig, build.settings.get("synthesis", {})))
+        nullspace = replace(nullspace, **typed_settings(NullspaceConfig, build.settings.get("nullspace", {})))
 
     # 2. text side: domain-aware prompts per cell
     t = time.perf_counter()
@@ -184,7 +203,8 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     # register the approved model: candidate, and champion when asked
     t = time.perf_counter()
     params = {"mode": build.mode, "arch": policy.arch, **build.params,
-              **{f"synthesis.{k}": v for k, v in asdict(synthesis).items()},
+              # the precision as resolved (what ran), so that a rebuild elsewhere synthesizes the same prototypes
+              **{f"synthesis.{k}": v for k, v in {**asdict(synthesis), "precision": protos["precision"]}.items()},
               **{f"nullspace.{k}": v for k, v in nullspace.to_dict().items()}}
     record = Registration(request_id=build.version_id, request_digest=build.version_digest,
                           requested_by=build.requested_by, arch=policy.arch, grid=grid.name, mode=build.mode,

@@ -143,6 +143,20 @@ def find_version(name: str, request_id: str, uri: str | None = None) -> Any | No
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
+def recorded_settings(name: str, request_id: str, uri: str | None = None) -> dict[str, dict[str, str]] | None:
+    """The synthesis and projection settings the version of `name` registered for `request_id` was built with: its
+    run's `synthesis.*` and `nullspace.*` parameters (as MLflow keeps them, strings), or None without such a version."""
+    mv = find_version(name, request_id, uri)
+    if mv is None or not mv.run_id:
+        return None
+    out: dict[str, dict[str, str]] = {"synthesis": {}, "nullspace": {}}
+    for key, value in client(uri).get_run(mv.run_id).data.params.items():
+        group, _, setting = key.partition(".")
+        if group in out and setting:
+            out[group][setting] = value
+    return out if any(out.values()) else None
+
+
 def _quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'")
 

@@ -219,6 +219,23 @@ def test_cli_rebuild_gives_the_registered_weights(secret_run, checked):
     checked("clipforget rebuild (CLI): rebuilt from base + ledger, sha256 identical to the registered weights")
 
 
+def test_cli_rebuild_after_an_upgrade_changed_a_default(secret_run, monkeypatch, checked):
+    """A release that changes a mode's default projection settings must still rebuild the registered weights: the
+    rebuild takes the settings recorded with the version, not the new defaults."""
+    from dataclasses import replace
+
+    from clipforget.method import projection
+
+    changed = replace(projection.MODE_DEFAULTS["global"], margin=0.2, margin_weight=10.0)
+    monkeypatch.setitem(projection.MODE_DEFAULTS, "global", changed)
+    r = CliRunner().invoke(app, ["rebuild", "--policy", str(secret_run["ws"] / "policy.json"), "--ledger",
+                                 secret_run["ledger"]])
+    assert r.exit_code == 0, r.output
+    assert "(identical)" in r.output
+    checked("clipforget rebuild after the mode's default margin changed: built with the settings recorded on the "
+            "registered version, sha256 identical")
+
+
 def test_cli_govern_fails_when_no_version_is_champion(secret_run, tmp_path, checked):
     from clipforget.io import registry
 
