@@ -70,7 +70,8 @@ NOTES = """## Decisions where the issue was silent
 def run_tests(xml: Path) -> float:
     xml.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/reliability",
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile",
+                    "tests/reliability",
                     f"--junitxml={xml}", "-o", "junit_family=xunit1"], cwd=REPO, check=False)
     return time.perf_counter() - t0
 
@@ -117,7 +118,8 @@ def markdown(rows: list[dict], seconds: float | None) -> str:
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores ({platform.machine()}, torch CPU capability "
         f"`{torch.backends.cpu.get_cpu_capability()}`)" + (f", {seconds:.0f} s for the whole folder" if seconds else "")
-        + " (with its own servers; in a whole-suite run it reuses those tests/flows started).",
+        + " on two pytest workers (each starts the session servers of tests/conftest.py once, shared with "
+        "tests/flows in a whole-suite run).",
         "",
         "## Summary",
         "",

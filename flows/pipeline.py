@@ -154,7 +154,7 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
 
     # 6. validate: before/after per cell on the data, else on fresh held-out prototypes
     t = time.perf_counter()
-    heldout, heldout_cfg = heldout_prototypes(policy, base, grid, text) if data_path is None else (None, None)
+    heldout, heldout_cfg = heldout_prototypes(policy, base, grid, text, synthesis) if data_path is None else (None, None)
     groups = [{"mode": g.mode, "cells": cell_names(g.cells)} for g in forget_groups]
     verdict = validate(build.version_id, policy.arch, base, unlearned, grid_dict, groups,
                        thresholds=policy.thresholds.model_dump(), data_path=data_path,
@@ -220,12 +220,15 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     return done()
 
 
-def heldout_prototypes(policy: ModelPolicy, base: dict, grid: Grid, text: str | None = None) -> tuple[dict, dict]:
-    """Fresh held-out prototypes of every cell, with images, for data-free validation: (synthesis result, config)."""
+def heldout_prototypes(policy: ModelPolicy, base: dict, grid: Grid, text: str | None = None,
+                       synthesis: SynthesisConfig | None = None) -> tuple[dict, dict]:
+    """Fresh held-out prototypes of every cell, with images, for data-free validation: (synthesis result, config).
+    `synthesis`: the build's settings (a rebuild's recorded ones), default the policy's."""
     cells = cell_names(grid.cells)
     if text is None:
         text = generate_prompts(policy.arch, base["path"], base["sha256"], cells)
-    cfg = asdict(heldout_config(policy.synthesis.config(policy.arch), policy.synthesis.heldout_per_cell))
+    synthesis = synthesis or policy.synthesis.config(policy.arch)
+    cfg = asdict(heldout_config(synthesis, policy.synthesis.heldout_per_cell))
     return fill_bank_routed(policy.arch, base["path"], base["sha256"], text, cells, cfg, with_images=True,
                              checkpoint_uri=base["uri"]), cfg
 
