@@ -27,11 +27,11 @@ def _decided(synthesis: dict, arch: str, checkpoint: str, sha256: str) -> dict:
     On a CPU with native bf16 the decision measures the model (clipforget.method.synthesis.measured_cpu_precision),
     loaded here once for it."""
     from clipforget.io.checkpoints import pick_device
-    from clipforget.method.synthesis import cpu_has_native_bf16
+    from clipforget.method.synthesis import measures_model
 
     config, device = SynthesisConfig(**synthesis), pick_device()
     model = None
-    if config.precision == "auto" and device.type == "cpu" and cpu_has_native_bf16():
+    if measures_model(config.precision, device):
         from tasks.common import loaded_model
 
         model = loaded_model(arch, checkpoint, sha256).model

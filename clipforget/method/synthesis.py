@@ -73,10 +73,16 @@ def resolve_precision(precision: str, device: torch.device | str, model: Any = N
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        if not cpu_has_native_bf16():
-            return "fp32"
-        return "bf16" if model is None else measured_cpu_precision(model)
+        if model is not None and measures_model(precision, device):
+            return measured_cpu_precision(model)
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"
+
+
+def measures_model(precision: str, device: torch.device | str) -> bool:
+    """Whether deciding `precision` on `device` measures the model: `auto` on a CPU with native bf16 (a caller
+    that would load the model only for this asks first)."""
+    return precision == "auto" and torch.device(device).type == "cpu" and cpu_has_native_bf16()
 
 
 # fp32 must be this much faster than bf16 before `auto` leaves bf16 on a CPU with native bf16: far beyond the noise
@@ -93,8 +99,9 @@ def _model_key(model: Any) -> tuple:
 def measured_cpu_precision(model: Any, batch: int = 4) -> Literal["fp32", "bf16"]:
     """fp32 or bf16 for synthesizing with `model` on this CPU: image-steps/s of the synthesis step (forward and
     backward to the input, channels-last) in both, measured once per model shape and process; bf16 unless fp32 is
-    `FP32_OVER_BF16` times faster. On a 2-core AVX512-BF16 CPU: the toy model 455 (bf16) against 287 (fp32)
-    image-steps/s, ViT-B-32 2.0 against 4.9 (docs/BENCHMARKS.md)."""
+    `FP32_OVER_BF16` times faster. On a 2-core AVX512-BF16 CPU (no AMX), at batch 4: the toy model bf16 171 against
+    fp32 170 image-steps/s (bf16 kept; at its synthesis batch of 128 bf16 is 1.6x faster), ViT-B-32 bf16 1.8 against
+    fp32 6.4 (fp32 chosen; docs/BENCHMARKS.md)."""
     key = _model_key(model)
     if key not in _MEASURED:
         size = image_size(model)

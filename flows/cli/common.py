@@ -174,12 +174,9 @@ def offline_prefect(start_server: bool = True) -> None:
 def prefect_ready() -> None:
     """Load torch and open_clip (every flow's first steps need them) while the temporary server that
     `offline_prefect` started early comes up, then wait for it (up, or failed to start)."""
+    import open_clip  # noqa: F401
     import torch  # noqa: F401
 
-    try:
-        import open_clip  # noqa: F401
-    except ImportError:  # pragma: no cover - a dependency; the flow reports it
-        pass
     if _server_start is not None:
         _server_start.join()
 
