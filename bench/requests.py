@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from dataclasses import replace
 
@@ -75,6 +76,14 @@ def main() -> None:
     ap.add_argument("--no-lineage", action="store_true")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="synthesis precision of projection and held-out prototypes (auto: as the hardware does best)")
+    ap.add_argument("--fit-images", type=int, default=0,
+                    help="fit each projection on N rendered images per cell (of --fit-seed) instead of prototypes, "
+                         "with the mode's image settings (0: data-free, prototypes)")
+    ap.add_argument("--fit-seed", type=int, default=11, help="render seed of the fit images")
+    ap.add_argument("--eval-images", type=int, default=0,
+                    help="the gate judges on N rendered images per cell (of --eval-seed), as a policy's data_uri, "
+                         "instead of held-out prototypes (0: held-out prototypes)")
+    ap.add_argument("--eval-seed", type=int, default=13, help="render seed of the gate's images")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
@@ -104,7 +113,21 @@ def main() -> None:
     protos.config = held.config = synth.resolved(loaded.device, loaded.model)
     synth_s = time.perf_counter() - t
     assert held.images is not None
-    held_set = LabelledImages.from_arrays(held.images, held.cells, loaded.preprocess)
+    seeds = {args.render_seed, args.fit_seed if args.fit_images else None, args.eval_seed if args.eval_images else None}
+    if len(seeds - {None}) != 1 + bool(args.fit_images) + bool(args.eval_images):
+        raise SystemExit("--render-seed, --fit-seed and --eval-seed must differ: the truth is images nothing saw")
+    if args.eval_images:  # the gate's evidence: rendered images, as a policy's data_uri would give
+        held_n = args.eval_images
+        held_set = LabelledImages.from_arrays(*render_cells(grid.cells, held_n, args.eval_seed), loaded.preprocess)
+    else:
+        held_set = LabelledImages.from_arrays(held.images, held.cells, loaded.preprocess)
+    fit_on = "images" if args.fit_images else "prototypes"
+    if args.fit_images:
+        from clipforget.runner import image_prototypes
+
+        fit_set = LabelledImages.from_arrays(*render_cells(grid.cells, args.fit_images, args.fit_seed),
+                                             loaded.preprocess)
+        protos = image_prototypes(loaded, grid, fit_set, text, synth)
     held_feats = image_features(loaded.model, held_set.pixels)
     held_base = classifier.evaluate(held_feats, held_set.cells)
     imgs, cells = render_cells(grid.cells, args.per_cell, args.render_seed)
@@ -117,7 +140,7 @@ def main() -> None:
 
     def judge(groups: list[ForgetGroup], kind: str | None):
         forget = list(dict.fromkeys(c for g in groups for c in g.cells))
-        cfg = default_config(cumulative_mode([g.mode for g in groups]))
+        cfg = default_config(cumulative_mode([g.mode for g in groups]), fit_on)
         if kind:  # "KIND[:field=value...]", e.g. margin:margin_weight=10
             name, *fields = kind.split(":")
             over = {k: type(getattr(cfg, k))(v) for k, v in (f.split("=", 1) for f in fields)}
@@ -185,6 +208,10 @@ def main() -> None:
     for label, s in summary.items():
         print(f"[{label}] {s}", flush=True)
     out = {"render_seed": args.render_seed, "per_cell": args.per_cell, "heldout_per_cell": held_n,
+           "command": "python bench/requests.py " + " ".join(sys.argv[1:]),
+           "fit": {"on": fit_on, **({"images_per_cell": args.fit_images, "seed": args.fit_seed} if args.fit_images else {})},
+           "gate_evidence": ({"on": "rendered images", "per_cell": args.eval_images, "seed": args.eval_seed}
+                             if args.eval_images else {"on": "held-out prototypes", "per_cell": held_n}),
            "hardware": hardware_summary(), "prototypes": protos.summary(), "summary": summary, "agreement": agreement,
            "requests": results, "lineage": lineage, "seconds": round(time.perf_counter() - t0, 1)}
     if args.json:
@@ -236,15 +263,23 @@ def agreement_table(rows: list[dict]) -> dict:
     return out
 
 
+def _evidence(out: dict) -> str:
+    fit, ev = out.get("fit", {"on": "prototypes"}), out.get("gate_evidence", {"on": "held-out prototypes"})
+    what = ("projections fitted on prototypes" if fit["on"] == "prototypes" else
+            f"projections fitted on {fit['images_per_cell']} rendered images per cell (seed {fit['seed']})")
+    if ev["on"] == "rendered images":
+        return f"{what}, the gate judging on {ev['per_cell']} rendered images per cell (seed {ev['seed']})"
+    return f"{what}, held-out prototypes {out['heldout_per_cell']} per cell"
+
+
 def markdown(out: dict) -> str:
     lines = ["# Request benchmark: is the gate's verdict right?", "",
-             "Regenerate with `python bench/requests.py --json runs/requests.json --markdown docs/REQUESTS.md` (with "
+             f"Regenerate with `{out.get('command', 'python bench/requests.py')}` (with "
              "the prototype bank filled, about 4 minutes on 2 CPU cores). Settings were chosen on validation renders "
              "(seeds 1 and 5: `--render-seed 1`); this table is a render no choice was made on. What was tried against "
              "false approvals, with its numbers on the validation renders: docs/GATE.md.", "",
-             f"Render seed {out['render_seed']} ({out['per_cell']} images per cell), held-out prototypes "
-             f"{out['heldout_per_cell']} per cell, CPU capability {out['hardware']['cpu_capability']}, "
-             f"{out['seconds']} s.", ""]
+             f"Render seed {out['render_seed']} ({out['per_cell']} images per cell), {_evidence(out)}, "
+             f"CPU capability {out['hardware']['cpu_capability']}, {out['seconds']} s.", ""]
     for label, s in out["summary"].items():
         lines += [f"### Projection: {label}", "", "| mode | requests | approved | meet targets on images | "
                   "false approvals | false rejections | not enough evidence | probe ≤ chance + 10 pts |",

@@ -54,16 +54,19 @@ def forget(model: LoadedModel, *, mode: str, out: str | Path, classes: Sequence[
            domains: Sequence[str] = (), grid: str | Grid | None = None, data: str | Path | None = None,
            synthesis: SynthesisConfig | None = None, nullspace: NullspaceConfig | None = None,
            thresholds: Thresholds | None = None, heldout_per_cell: int = 20, bank: PrototypeBank | None = None,
-           progress: Callable[[dict], None] | None = None) -> ForgetResult:
+           progress: Callable[[dict], None] | None = None, fit_data: str | Path | None = None) -> ForgetResult:
     """Forget `classes` / `domains` (by `mode`: global, domain or domain_complete) and write the unlearned
     checkpoint to `out` (safetensors). Judged on `data` (labelled folder) or, without it, on held-out
     prototypes; `result.report["passed"]` is the gate's verdict, `result.model` the unlearned model.
-    Prototypes come from (and go to) the machine's prototype bank unless another `bank` is given."""
+    Prototypes come from (and go to) the machine's prototype bank unless another `bank` is given. With `fit_data`
+    (a labelled folder with images of every cell, other than `data`) the projection is fitted on those images with
+    the mode's image settings instead of on prototypes (docs/GATE.md, "fitting on images")."""
     g = grid_for(model, grid, data)
+    fit_on = "images" if fit_data is not None else "prototypes"
     return run_forget(model, g, mode=mode, classes=list(classes), domains=list(domains),
-                      synthesis=synthesis or synthesis_for(model), nullspace=nullspace or default_config(mode), out=out,
-                      data=data, heldout_per_cell=heldout_per_cell, progress=progress, bank=bank or default_bank(),
-                      thresholds=thresholds)
+                      synthesis=synthesis or synthesis_for(model), nullspace=nullspace or default_config(mode, fit_on),
+                      out=out, data=data, heldout_per_cell=heldout_per_cell, progress=progress,
+                      bank=bank or default_bank(), thresholds=thresholds, fit_data=fit_data)
 
 
 def evaluate(model: LoadedModel, *, data: str | Path | None = None, grid: str | Grid | None = None,

@@ -55,10 +55,13 @@ def unlearn_model(
     templates: TemplateSet | None = None,
     progress: Callable[[dict], None] | None = None,
     bank: PrototypeBank | None = None,
+    fit_images: LabelledImages | None = None,
 ) -> tuple[torch.nn.Module, Projection, list[Cell], list[Cell], Prototypes, dict[str, float]]:
     """Build the projection for a request and fold it into a copy of the model.
 
     With a `bank` (and a checkpoint digest), prototypes come from the bank and only missing cells are synthesized.
+    With `fit_images` (labelled images of every cell of the grid) the projection is fitted on their embeddings
+    instead, and nothing is synthesized.
     """
     templates = templates or TemplateSet()
     forget = forget_cells(grid, mode, classes, domains)
@@ -69,7 +72,10 @@ def unlearn_model(
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
     timings["text_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    protos = prototypes_for(loaded, grid, text, synthesis, bank, progress=progress)
+    if fit_images is not None:
+        protos = image_prototypes(loaded, grid, fit_images, text, synthesis)
+    else:
+        protos = prototypes_for(loaded, grid, text, synthesis, bank, progress=progress)
     timings["prototypes_s"] = time.perf_counter() - t
     t = time.perf_counter()
     projection = fit_projection(forget, retain, text, protos, nullspace, (classifier.classes, classifier.weights))
@@ -92,6 +98,23 @@ def prototypes_for(loaded: LoadedModel, grid: Grid, text: dict[Cell, torch.Tenso
     paths, _ = synthesize_with_bank(loaded.model, dict(zip(grid.cells, targets, strict=True)), grid.cells, synthesis,
                                     loaded.sha256, bank, with_images, progress)
     return load_prototypes(paths, synthesis.resolved(loaded.device, loaded.model))
+
+
+def image_prototypes(loaded: LoadedModel, grid: Grid, images: LabelledImages, text: dict[Cell, torch.Tensor],
+                     synthesis: SynthesisConfig) -> Prototypes:
+    """Labelled images as the fit set of a projection: their normalized embeddings in place of prototypes (`cosines`:
+    each image's cosine to its cell's text target; no synthesis steps). Every cell of the grid needs images: the
+    projection is fitted on the forget and the retain cells alike."""
+    missing = [str(c) for c in grid.cells if c not in set(images.cells)]
+    if missing:
+        raise ValueError(f"the fit images have no images for {len(missing)} of {len(grid.cells)} cells of grid "
+                         f"{grid.name!r} ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); the "
+                         "projection is fitted on every cell, forgotten and kept")
+    t = time.perf_counter()
+    emb = torch.nn.functional.normalize(image_features(loaded.model, images.pixels), dim=-1)
+    targets = torch.stack([text[c][-1] for c in images.cells])
+    return Prototypes(emb, list(images.cells), (emb * targets).sum(-1), torch.zeros(len(emb), dtype=torch.long),
+                      time.perf_counter() - t, synthesis.resolved(loaded.device, loaded.model))
 
 
 def heldout_images(loaded: LoadedModel, grid: Grid, synthesis: SynthesisConfig, per_cell: int,
@@ -120,8 +143,13 @@ def run_forget(
     progress: Callable[[dict], None] | None = None,
     bank: PrototypeBank | None = None,
     thresholds: Thresholds | None = None,
+    fit_data: str | Path | None = None,
 ) -> ForgetResult:
     """The whole core method for one request; writes the unlearned checkpoint to `out`.
+
+    With `fit_data` (a labelled folder with images of every cell) the projection is fitted on those images instead
+    of prototypes; `nullspace` should then be the mode's image settings (`default_config(mode, fit_on="images")`).
+    Judge on other images (`data`): images the projection was fitted on say little about the rest.
 
     The report holds the gate's verdict (`passed`, `checks`, `rejected`) by the same rules the pipeline
     registers on (the mode's criteria, plus `thresholds`); the checkpoint is written either way."""
@@ -130,9 +158,13 @@ def run_forget(
     forget_cells(grid, mode, classes, domains)
     if data is not None:
         evalset = LabelledImages.from_folder(data, loaded.preprocess, grid)
+    fitset = LabelledImages.from_folder(fit_data, loaded.preprocess, grid) if fit_data is not None else None
+    if fit_data is not None and data is not None and Path(fit_data).resolve() == Path(data).resolve():
+        raise ValueError(f"--fit-data and --data are the same folder ({fit_data}): the gate would judge the "
+                         "projection on the images it was fitted on; give held-out images to --data")
     unlearned, projection, forget, retain, protos, timings = unlearn_model(
         loaded, grid, mode=mode, classes=classes, domains=domains, synthesis=synthesis, nullspace=nullspace,
-        templates=templates, progress=progress, bank=bank)
+        templates=templates, progress=progress, bank=bank, fit_images=fitset)
     if data is None:
         evalset = heldout_images(loaded, grid, synthesis, heldout_per_cell, templates, progress, bank)
     t = time.perf_counter()
@@ -153,7 +185,9 @@ def run_forget(
         "forget_cells": [str(c) for c in forget],
         "settings": {"synthesis": asdict(synthesis), "nullspace": nullspace.to_dict()},
         "projection": projection.summary(),
-        "prototypes": protos.summary(),
+        "prototypes": protos.summary() if fitset is None else None,
+        "fit": ({"on": "prototypes"} if fitset is None else
+                {"on": "images", "data": str(fit_data), "images": len(fitset.cells)}),
         "evaluation": {"data": str(data) if data is not None else f"held-out prototypes ({heldout_per_cell}/cell)",
                        "images": len(evalset.cells)},
         **{k: v for k, v in verdict.to_dict().items() if k != "evaluation"},

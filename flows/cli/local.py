@@ -130,6 +130,9 @@ def forget_cmd(
     grid: str = GRID,
     data: Path = typer.Option(None, "--data", help="Labelled folder to measure before/after on; without it, "
                               "held-out prototypes."),
+    fit_data: Path = typer.Option(None, "--fit-data", help="Labelled folder (images of every cell, not the --data "
+                                  "images) to fit the projection on instead of prototypes, with the mode's image "
+                                  "settings."),
     prototypes_per_cell: int = K,
     steps: int = STEPS,
     target_cosine: float = TARGET,
@@ -153,13 +156,13 @@ def forget_cmd(
             raise UserError(f"--out must end in .safetensors, got {out.name}")
         g = grid_of(grid, model, data)
         forget_cells(g, mode, cls_list, dom_list)  # a bad request fails before the model loads
-        ns = default_config(mode, kind=kind, source=source)
+        ns = default_config(mode, "images" if fit_data is not None else "prototypes", kind=kind, source=source)
         prompts = templates_of(templates)
         loaded = load(model, checkpoint, pretrained, device)
         result = run_forget(loaded, g, mode=mode, classes=cls_list, domains=dom_list,
                             synthesis=synthesis_config(model, prototypes_per_cell, steps, target_cosine, seed, precision),
                             nullspace=ns, out=out, data=data, heldout_per_cell=heldout_per_cell, templates=prompts,
-                            progress=progress_bar(), bank=bank())
+                            progress=progress_bar(), bank=bank(), fit_data=fit_data)
     except user_errors() as e:
         fail(e)
     write_json(json_out, result.report)

@@ -82,6 +82,39 @@ def test_forget_writes_a_loadable_checkpoint_and_a_report(data, tmp_path):
     assert after == {(c["class"], c["domain"]): c["after"] for c in rep["cells"]}
 
 
+def test_forget_fitted_on_labelled_images(data, tmp_path):
+    """`--fit-data`: the projection is fitted on those images (the mode's image settings), nothing is synthesized,
+    and the gate judges on the other images of `--data`."""
+    fit = tmp_path / "fit"
+    assert invoke("toy", "render", "--out", fit, "--per-cell", 20, "--seed", 17).exit_code == 0
+    ckpt, rep_path = tmp_path / "forgot.safetensors", tmp_path / "forget.json"
+    r = invoke("forget", "--model", "toy", "--mode", "domain", "--classes", "house", "--domains", "sketch",
+               "--fit-data", fit, "--data", data, "--out", ckpt, "--json", rep_path)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(rep_path.read_text())
+    assert rep["fit"] == {"on": "images", "data": str(fit), "images": 800} and rep["prototypes"] is None
+    assert rep["settings"]["nullspace"]["retain_margin"] == 0.05  # the image settings, not the prototype ones
+    cells = {(c["class"], c["domain"]): c for c in rep["cells"]}
+    assert cells[("house", "sketch")]["after"] == 0.0
+    assert min(c["after"] - c["before"] for c in rep["cells"] if c["role"] == "retain") >= -1 / 3  # ≤ 1 of 3 images
+    assert rep["metrics"]["retain_after"] >= rep["metrics"]["retain_before"] - 0.02
+
+
+def test_forget_refuses_fit_data_that_cannot_fit_or_judge(data, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(data / "photo", partial / "photo")
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt, rep = out / "o.safetensors", out / "o.json"
+    common = ["forget", "--model", "toy", "--mode", "global", "--classes", "star", "--out", str(ckpt),
+              "--json", str(rep)]
+    r = runner.invoke(app, [*common, "--fit-data", str(partial)])
+    assert r.exit_code == 2 and "no images for 30 of 40 cells" in r.output, r.output
+    r = runner.invoke(app, [*common, "--fit-data", str(data), "--data", str(data)])
+    assert r.exit_code == 2 and "the same folder" in r.output, r.output
+    assert list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize("args,message", [
     (["--mode", "global", "--classes", "dragon"], "unknown class 'dragon'"),
     (["--mode", "domain", "--classes", "star"], "give both classes and domains"),
