@@ -289,7 +289,9 @@ def markdown(out: dict) -> str:
                   for m, v in s.items()]
         lines.append("")
     for label, agree in out.get("agreement", {}).items():
-        lines += [f"### Do held-out prototypes predict images? ({label}; per cell, after unlearning)", "",
+        evidence = ("other rendered images" if out.get("gate_evidence", {}).get("on") == "rendered images"
+                    else "held-out prototypes")
+        lines += [f"### Does the gate's evidence ({evidence}) predict images? ({label}; per cell, after unlearning)", "",
                   "| mode | forget cells | forget acc. held-out / images (mean) | correlation | same side of 0.15 | "
                   "0 on held-out but > 0.15 on images | retain cells | retain drop held-out / images (mean) | "
                   "correlation |", "|---|---:|---|---:|---:|---:|---:|---|---:|"]
