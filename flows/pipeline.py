@@ -25,7 +25,7 @@ from clipforget.method.synthesis import SynthesisConfig
 from clipforget.runner import heldout_config
 from clipforget.steps import cell_names, checkpoint_metadata
 from flows.fanout import fill_bank_routed
-from tasks.build import build_nullspace, fold_into_checkpoint, generate_prompts
+from tasks.build import build_nullspace, embed_fit_images, fold_into_checkpoint, generate_prompts
 from tasks.common import work_root
 from tasks.fetch import fetch_checkpoint, fetch_eval_data
 from tasks.pictures import draw_pictures, publish_rejected
@@ -120,7 +120,8 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     cells = cell_names(grid.cells)
     grid_dict = grid.to_dict()
     synthesis = policy.synthesis.config(policy.arch)
-    nullspace = default_config(cumulative_mode([g.mode for g in forget_groups]), kind=policy.projection,
+    fit_on = "images" if policy.fit_uri else "prototypes"
+    nullspace = default_config(cumulative_mode([g.mode for g in forget_groups]), fit_on, kind=policy.projection,
                                source=policy.source)
     if build.settings:
         synthesis = replace(synthesis, **typed_settings(SynthesisConfig, build.settings.get("synthesis", {})))
@@ -133,8 +134,14 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
 
     # 3. visual prototypes, data-free (the prototype bank keeps them per cell across requests)
     t = time.perf_counter()
-    protos = fill_bank_routed(policy.arch, base["path"], base["sha256"], text, cells, asdict(synthesis),
-                               checkpoint_uri=base["uri"])
+    fit = None
+    if policy.fit_uri:  # or the policy's labelled images of every cell, with the mode's image settings
+        fit_path = fetch_eval_data(policy.fit_uri, grid_dict)
+        fit = embed_fit_images(policy.arch, base["path"], base["sha256"], text, fit_path, grid_dict, asdict(synthesis))
+        protos = {"paths": fit["paths"], "precision": synthesis.precision}
+    else:
+        protos = fill_bank_routed(policy.arch, base["path"], base["sha256"], text, cells, asdict(synthesis),
+                                  checkpoint_uri=base["uri"])
     step("prototypes", t)
 
     # 4. multimodal nullspace
@@ -178,6 +185,8 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
         "settings": {"synthesis": asdict(synthesis), "nullspace": nullspace.to_dict()},
         "projection": projection["summary"],
         "prototypes": {k: protos.get(k) for k in ("reused", "synthesized", "seconds", "precision", "hardware")},
+        "fit": ({"on": "prototypes"} if fit is None else
+                {"on": "images", "uri": policy.fit_uri, "images": fit["images"], "digest": fit["digest"]}),
         **{k: verdict[k] for k in ("evaluation", "metrics", "checks", "cells", "before", "after")},
         "passed": verdict["passed"],
         "registered": None,

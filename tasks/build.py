@@ -105,6 +105,47 @@ def synthesize_chunk(arch: str, checkpoint: str, sha256: str, cells: list[str], 
             "host": socket.gethostname(), "pid": os.getpid(), "device": device}
 
 
+@task(name="embed_fit_images")
+def embed_fit_images(arch: str, checkpoint: str, sha256: str, text_file: str, data_path: str, grid: dict,
+                     synthesis: dict) -> dict:
+    """Labelled images of every cell → their embeddings, one file per cell in the prototype bank's layout: the
+    projection's fit set in place of prototypes. The files are keyed by the checkpoint and the images' bytes, so
+    a projection cached on them is the projection of exactly these images."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from clipforget.method.data import check_labelled_folder
+    from clipforget.method.evaluate import LabelledImages
+    from clipforget.method.grid import Grid
+    from clipforget.runner import image_prototypes
+    from clipforget.steps import load_text
+
+    g = Grid.from_dict(grid)
+    items = check_labelled_folder(data_path, g)
+    h = hashlib.sha256()
+    for path, cell in sorted(items, key=lambda it: (str(it[1]), it[0].name)):
+        h.update(f"{cell}|{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    key = h.hexdigest()
+    out_dir = work_root() / "fit" / sha256 / key[:24]
+    paths = [out_dir / f"{i:05d}.safetensors" for i in range(len(g.cells))]
+    if not all(p.is_file() for p in paths):
+        loaded = loaded_model(arch, checkpoint, sha256)
+        images = LabelledImages.from_folder(data_path, loaded.preprocess, g)
+        protos = image_prototypes(loaded, g, images, load_text(text_file), SynthesisConfig(**synthesis))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for path, cell in zip(paths, g.cells, strict=True):
+            idx = [i for i, c in enumerate(protos.cells) if c == cell]
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file({"embeddings": protos.embeddings[idx].contiguous(), "cosines": protos.cosines[idx].contiguous(),
+                       "steps_used": protos.steps_used[idx].contiguous()}, str(tmp),
+                      metadata={"cell": str(cell), "source": "images", "images_digest": key})
+            os.replace(tmp, path)  # a reader never sees a half-written file
+    get_run_logger().info("fit set: %d labelled images of %d cells from %s (digest %s)", len(items), len(g.cells),
+                          data_path, key[:12])
+    return {"paths": [str(p) for p in paths], "images": len(items), "digest": key}
+
+
 def _projection_file(p: dict) -> Path:
     key = digest(p["text_file"], p["prototype_files"], p["forget"], p["retain"], p["nullspace"])
     return work_root() / "projections" / f"{key[:32]}.safetensors"

@@ -91,6 +91,9 @@ class ModelPolicy(BaseModel):
                              "model, else the grid of the evaluation data")
     data_uri: str | None = Field(default=None, description="labelled <domain>/<class>/ images (S3 prefix or folder); "
                                  "default: data-free validation on held-out prototypes")
+    fit_uri: str | None = Field(default=None, description="labelled <domain>/<class>/ images of every cell (S3 prefix "
+                                "or folder), other than data_uri, to fit the projection on instead of prototypes, "
+                                "with the mode's image settings; default: data-free, prototypes")
     thresholds: Thresholds = Thresholds()
     synthesis: SynthesisSettings = SynthesisSettings()
     projection: Literal["soft", "hard", "margin"] | None = None
@@ -105,7 +108,7 @@ class ModelPolicy(BaseModel):
         except ValueError:
             raise ValueError("checkpoint_sha256 must be a sha256 hex digest") from None
 
-    @field_validator("checkpoint_uri", "data_uri")
+    @field_validator("checkpoint_uri", "data_uri", "fit_uri")
     @classmethod
     def _uri(cls, v: str | None) -> str | None:
         from clipforget.io.storage import Location
@@ -122,13 +125,19 @@ class ModelPolicy(BaseModel):
     def _name(self) -> ModelPolicy:
         if self.arch != "toy" and self.checkpoint_uri is None:
             raise ValueError(f"arch {self.arch!r} needs checkpoint_uri: the bundled weights are the toy model's")
+        if self.fit_uri is not None and self.data_uri is not None and \
+                self.fit_uri.rstrip("/") == self.data_uri.rstrip("/"):
+            raise ValueError("fit_uri and data_uri are the same images: the gate would judge the projection on the "
+                             "images it was fitted on; give data_uri held-out images")
         if self.registered_name is None:
             self.registered_name = f"clipforget-{self.arch}"
         return self
 
     def policy_digest(self) -> str:
         """A digest of everything in the policy that decides a built model."""
-        return hashlib.sha256(json.dumps(self.model_dump(exclude={"registered_name"}), sort_keys=True).encode()).hexdigest()
+        # a policy without fit_uri digests as before the field existed: its registered versions keep their ids
+        exclude = {"registered_name"} | ({"fit_uri"} if self.fit_uri is None else set())
+        return hashlib.sha256(json.dumps(self.model_dump(exclude=exclude), sort_keys=True).encode()).hexdigest()
 
 
 
@@ -177,7 +186,9 @@ class UnlearnRequest(ModelPolicy):
 
     def content_digest(self) -> str:
         """A digest of everything that decides the result (not who asked, the id itself, nor promotion)."""
-        data = self.model_dump(exclude={"request_id", "requested_by", "promote"})
+        # without fit_uri, as before the field existed: a repeated request keeps its id across the upgrade
+        exclude = {"request_id", "requested_by", "promote"} | ({"fit_uri"} if self.fit_uri is None else set())
+        data = self.model_dump(exclude=exclude)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def policy(self) -> ModelPolicy:

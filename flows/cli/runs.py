@@ -45,6 +45,8 @@ def unlearn_cmd(
     grid: str = GRID,
     data: str = typer.Option(None, "--data", help="Labelled <domain>/<class>/ images: S3 prefix or folder; "
                              "without it, data-free validation on held-out prototypes."),
+    fit_data: str = typer.Option(None, "--fit-data", help="Labelled images of every cell (S3 prefix or folder, not "
+                                 "the --data images) to fit the projection on instead of prototypes."),
     max_forget_acc: float = typer.Option(None, "--max-forget-acc", help="Largest accuracy any forget cell may keep."),
     max_retain_drop: float = typer.Option(None, "--max-retain-drop", help="Largest accuracy drop of any retain cell."),
     mode_criteria: bool = typer.Option(True, "--mode-criteria/--no-mode-criteria",
@@ -73,7 +75,8 @@ def unlearn_cmd(
     try:
         fields: dict[str, Any] = {
             "mode": mode, "classes": cls_list, "domains": dom_list, "arch": model, "checkpoint_uri": checkpoint,
-            "checkpoint_sha256": checkpoint_sha256, "grid": grid, "data_uri": data, "projection": kind,
+            "checkpoint_sha256": checkpoint_sha256, "grid": grid, "data_uri": data, "fit_uri": fit_data,
+            "projection": kind,
             "source": source, "registered_name": registered_name, "promote": promote,
             "thresholds": Thresholds(max_forget_acc=max_forget_acc, max_retain_drop=max_retain_drop,
                                      mode_criteria=mode_criteria),

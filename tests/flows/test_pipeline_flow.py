@@ -205,3 +205,56 @@ def test_cli_unlearn_bad_request_fails_before_any_work(tmp_path):
     r = _cli("unlearn", "--mode", "global", "--classes", "star", "--request-id", "no spaces", "--json", out)
     assert r.exit_code == 2 and "request_id" in r.output
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def fit_folder(tmp_path_factory):
+    """20 labelled images per cell of a render neither the evaluation data nor any setting choice used."""
+    from clipforget.method.data import write_image
+    from clipforget.method.grid import Cell, resolve_grid
+    from clipforget.toyworld.render import render_cells
+
+    root = tmp_path_factory.mktemp("fit") / "toy"
+    images, cells = render_cells(resolve_grid("toy").cells, 20, 17)
+    counts: dict = {}
+    for image, (cls, domain) in zip(images, cells, strict=True):
+        cell = Cell(cls, domain)
+        counts[cell] = counts.get(cell, -1) + 1
+        write_image(root, cell, counts[cell], image)
+    return root
+
+
+def test_a_request_fitted_on_labelled_images_is_built_from_them_and_registered(pipeline, fit_folder, tmp_path):
+    """fit_uri: the projection is fitted on the policy's labelled images with the mode's image settings (recorded
+    with the version, so a rebuild fits the same way), nothing is synthesized, and the gate judges on data_uri."""
+    req = UnlearnRequest(request_id="fit-house-sketch", requested_by="tests", mode="domain", classes=["house"],
+                         domains=["sketch"], checkpoint_uri=pipeline["s3"]["checkpoint"],
+                         data_uri=pipeline["s3"]["eval"], fit_uri=str(fit_folder), registered_name="toy-fit")
+    out = run(req, tmp_path)
+    assert out["state"].is_completed(), out["state"].message
+    rep = out["report"]
+    assert rep["fit"]["on"] == "images" and rep["fit"]["images"] == 800 and len(rep["fit"]["digest"]) == 64
+    assert rep["passed"] and rep["registered"]["name"] == "toy-fit", rep.get("rejected")
+    assert rep["settings"]["nullspace"]["margin_weight"] == 10000.0 and rep["settings"]["nullspace"]["retain_margin"] == 0.05
+    assert not any("synthesis (" in line for line in out["logs"])  # no prototype was synthesized
+    recorded = registry.recorded_settings("toy-fit", "fit-house-sketch")
+    assert recorded is not None and recorded["nullspace"]["retain_margin"] == "0.05"
+    cells = {(c["class"], c["domain"]): c for c in rep["cells"]}
+    assert cells[("house", "sketch")]["after"] <= 0.15
+
+
+def test_fit_images_missing_cells_register_nothing(pipeline, fit_folder, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(fit_folder / "photo", partial / "photo")
+    req = UnlearnRequest(request_id="fit-partial", requested_by="tests", mode="global", classes=["star"],
+                         checkpoint_uri=pipeline["s3"]["checkpoint"], data_uri=pipeline["s3"]["eval"],
+                         fit_uri=str(partial), registered_name="toy-fit-partial")
+    from flows.unlearn import unlearn
+
+    state = unlearn(req, str(tmp_path / "r.json"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="no images for 30 of 40 cells"):
+        state.result()
+    assert registry.find_version("toy-fit-partial", "fit-partial") is None and not (tmp_path / "r.json").exists()
