@@ -58,7 +58,8 @@ def test_domain_complete_hits_the_forgotten_domain_hardest(toy, toy_grid, text_b
     assert drop["sketch"] > 2 * max(v for d, v in drop.items() if d != "sketch"), drop
 
 
-@pytest.mark.xfail(strict=True, reason="no linear fold forgets a whole domain of a near-additive embedding (77% class, "
+@pytest.mark.xfail(strict=True, reason="fitted on prototypes, no fold tried forgets a whole domain of a near-additive "
+                   "embedding (77% class, "
                    "22% domain, <1% interaction energy): the default keeps the other domains near the 0.05 limit "
                    "(0.06 on this render) and leaves sketch accuracy near 0.7; see docs/RESULTS.md, trade-off table")
 def test_domain_complete_targets(toy, toy_grid, text_bank, prototype_bank, test_images, classifier, base_report):
