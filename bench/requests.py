@@ -107,27 +107,29 @@ def main() -> None:
         paths, rep = synthesize_with_bank(loaded.model, targets, grid.cells, cfg, loaded.sha256 or "", bank, images)
         return load_prototypes(paths, cfg), rep
 
-    t = time.perf_counter()
-    protos, _ = banked(synth, False)
-    held, _ = banked(heldout_config(synth, held_n), True)
-    protos.config = held.config = synth.resolved(loaded.device, loaded.model)
-    synth_s = time.perf_counter() - t
-    assert held.images is not None
     seeds = {args.render_seed, args.fit_seed if args.fit_images else None, args.eval_seed if args.eval_images else None}
     if len(seeds - {None}) != 1 + bool(args.fit_images) + bool(args.eval_images):
         raise SystemExit("--render-seed, --fit-seed and --eval-seed must differ: the truth is images nothing saw")
-    if args.eval_images:  # the gate's evidence: rendered images, as a policy's data_uri would give
-        held_n = args.eval_images
-        held_set = LabelledImages.from_arrays(*render_cells(grid.cells, held_n, args.eval_seed), loaded.preprocess)
-    else:
-        held_set = LabelledImages.from_arrays(held.images, held.cells, loaded.preprocess)
     fit_on = "images" if args.fit_images else "prototypes"
-    if args.fit_images:
+    t = time.perf_counter()
+    resolved = synth.resolved(loaded.device, loaded.model)
+    if args.fit_images:  # the fit set: rendered images instead of prototypes
         from clipforget.runner import image_prototypes
 
         fit_set = LabelledImages.from_arrays(*render_cells(grid.cells, args.fit_images, args.fit_seed),
                                              loaded.preprocess)
-        protos = image_prototypes(loaded, grid, fit_set, text, synth)
+        protos = image_prototypes(loaded, grid, fit_set, text, resolved)
+    else:
+        protos, _ = banked(synth, False)
+        protos.config = resolved
+    if args.eval_images:  # the gate's evidence: rendered images, as a policy's data_uri would give
+        held_n = args.eval_images
+        held_set = LabelledImages.from_arrays(*render_cells(grid.cells, held_n, args.eval_seed), loaded.preprocess)
+    else:
+        held, _ = banked(heldout_config(synth, held_n), True)
+        assert held.images is not None
+        held_set = LabelledImages.from_arrays(held.images, held.cells, loaded.preprocess)
+    synth_s = time.perf_counter() - t
     held_feats = image_features(loaded.model, held_set.pixels)
     held_base = classifier.evaluate(held_feats, held_set.cells)
     imgs, cells = render_cells(grid.cells, args.per_cell, args.render_seed)

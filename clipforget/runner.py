@@ -105,7 +105,8 @@ def image_prototypes(loaded: LoadedModel, grid: Grid, images: LabelledImages, te
     """Labelled images as the fit set of a projection: their normalized embeddings in place of prototypes (`cosines`:
     each image's cosine to its cell's text target; no synthesis steps). Every cell of the grid needs images: the
     projection is fitted on the forget and the retain cells alike."""
-    missing = [str(c) for c in grid.cells if c not in set(images.cells)]
+    have = set(images.cells)
+    missing = [str(c) for c in grid.cells if c not in have]
     if missing:
         raise ValueError(f"the fit images have no images for {len(missing)} of {len(grid.cells)} cells of grid "
                          f"{grid.name!r} ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); the "
@@ -114,7 +115,7 @@ def image_prototypes(loaded: LoadedModel, grid: Grid, images: LabelledImages, te
     emb = torch.nn.functional.normalize(image_features(loaded.model, images.pixels), dim=-1)
     targets = torch.stack([text[c][-1] for c in images.cells])
     return Prototypes(emb, list(images.cells), (emb * targets).sum(-1), torch.zeros(len(emb), dtype=torch.long),
-                      time.perf_counter() - t, synthesis.resolved(loaded.device, loaded.model))
+                      time.perf_counter() - t, synthesis)
 
 
 def heldout_images(loaded: LoadedModel, grid: Grid, synthesis: SynthesisConfig, per_cell: int,
@@ -156,12 +157,12 @@ def run_forget(
     t0 = time.perf_counter()
     # fail on a bad request or a bad data folder before any costly work
     forget_cells(grid, mode, classes, domains)
-    if data is not None:
-        evalset = LabelledImages.from_folder(data, loaded.preprocess, grid)
-    fitset = LabelledImages.from_folder(fit_data, loaded.preprocess, grid) if fit_data is not None else None
     if fit_data is not None and data is not None and Path(fit_data).resolve() == Path(data).resolve():
         raise ValueError(f"--fit-data and --data are the same folder ({fit_data}): the gate would judge the "
                          "projection on the images it was fitted on; give held-out images to --data")
+    if data is not None:
+        evalset = LabelledImages.from_folder(data, loaded.preprocess, grid)
+    fitset = LabelledImages.from_folder(fit_data, loaded.preprocess, grid) if fit_data is not None else None
     unlearned, projection, forget, retain, protos, timings = unlearn_model(
         loaded, grid, mode=mode, classes=classes, domains=domains, synthesis=synthesis, nullspace=nullspace,
         templates=templates, progress=progress, bank=bank, fit_images=fitset)

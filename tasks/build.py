@@ -115,14 +115,14 @@ def embed_fit_images(arch: str, checkpoint: str, sha256: str, text_file: str, da
 
     from safetensors.torch import save_file
 
-    from clipforget.method.data import check_labelled_folder
+    from clipforget.method.data import list_labelled_images
     from clipforget.method.evaluate import LabelledImages
     from clipforget.method.grid import Grid
     from clipforget.runner import image_prototypes
     from clipforget.steps import load_text
 
     g = Grid.from_dict(grid)
-    items = check_labelled_folder(data_path, g)
+    items = list_labelled_images(data_path, g)  # fetch_eval_data checked every image already
     h = hashlib.sha256()
     for path, cell in sorted(items, key=lambda it: (str(it[1]), it[0].name)):
         h.update(f"{cell}|{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
