@@ -23,7 +23,7 @@ from clipforget.method.nullspace import Projection
 from clipforget.method.projection import NullspaceConfig, cell_text_embeddings, fit_projection, text_targets
 from clipforget.method.prompts import TemplateSet
 from clipforget.method.synthesis import Prototypes, SynthesisConfig, synthesize
-from clipforget.steps import checkpoint_metadata
+from clipforget.steps import checkpoint_metadata, compare_models
 
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out prototypes never share a seed with the forget set's
 
@@ -170,9 +170,8 @@ def run_forget(
         evalset = heldout_images(loaded, grid, synthesis, heldout_per_cell, templates, progress, bank)
     t = time.perf_counter()
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
-    before = classifier.evaluate(image_features(loaded.model, evalset.pixels), evalset.cells)
-    after = classifier.evaluate(image_features(unlearned, evalset.pixels), evalset.cells)
-    verdict = judge([ForgetGroup(mode, tuple(forget))], before, after, thresholds)
+    before, after, probe = compare_models(classifier, loaded.model, unlearned, evalset, forget)
+    verdict = judge([ForgetGroup(mode, tuple(forget))], before, after, thresholds, probe=probe)
     timings["evaluate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     digest = save_checkpoint(unlearned.state_dict(), out, metadata=checkpoint_metadata(

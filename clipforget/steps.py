@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from clipforget.gate.probe import ProbeResult, residual_probe
 from clipforget.io.checkpoints import LoadedModel, save_checkpoint
 from clipforget.method.evaluate import EvalReport, LabelledImages, ZeroShotClassifier, image_features
 from clipforget.method.fold import fold_projection
@@ -147,14 +148,22 @@ def fold_checkpoint(loaded: LoadedModel, P: torch.Tensor, out: Path, metadata: d
 
 # --- validation (step 6) ---
 
+def compare_models(classifier: ZeroShotClassifier, base: torch.nn.Module, unlearned: torch.nn.Module,
+                   images: LabelledImages, forget: Sequence[Cell] = ()) -> tuple[EvalReport, EvalReport, list[ProbeResult]]:
+    """Per-cell zero-shot accuracy of the base and the unlearned model on the same images, and the residual-knowledge
+    probe of the forgotten cells on their image embeddings (clipforget.gate.probe)."""
+    fb, fa = image_features(base, images.pixels), image_features(unlearned, images.pixels)
+    before, after = classifier.evaluate(fb, images.cells), classifier.evaluate(fa, images.cells)
+    return before, after, residual_probe(fb, fa, images.cells, forget) if forget else []
+
+
 def evaluate_pair(base: LoadedModel, unlearned: LoadedModel, images: LabelledImages, grid: Grid,
-                  templates: TemplateSet | None = None) -> tuple[EvalReport, EvalReport]:
-    """Per-cell zero-shot accuracy of the base and the unlearned model on the same images.
+                  templates: TemplateSet | None = None,
+                  forget: Sequence[Cell] = ()) -> tuple[EvalReport, EvalReport, list[ProbeResult]]:
+    """`compare_models` of two loaded checkpoints.
 
     The classifier comes from the base model's text tower; the fold leaves the text tower untouched,
     so it is the unlearned model's classifier too.
     """
     classifier = ZeroShotClassifier(base.model, base.tokenizer, grid, templates)
-    before = classifier.evaluate(image_features(base.model, images.pixels), images.cells)
-    after = classifier.evaluate(image_features(unlearned.model, images.pixels), images.cells)
-    return before, after
+    return compare_models(classifier, base.model, unlearned.model, images, forget)

@@ -187,7 +187,7 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
         "prototypes": {k: protos.get(k) for k in ("reused", "synthesized", "seconds", "precision", "hardware")},
         "fit": ({"on": "prototypes"} if fit is None else
                 {"on": "images", "uri": policy.fit_uri, "images": fit["images"], "digest": fit["digest"]}),
-        **{k: verdict[k] for k in ("evaluation", "metrics", "checks", "cells", "before", "after")},
+        **{k: verdict[k] for k in ("evaluation", "metrics", "checks", "cells", "probe", "before", "after")},
         "passed": verdict["passed"],
         "registered": None,
     }

@@ -34,6 +34,9 @@ def summary_markdown(request_id: str, mode: str, forget: list[str], passed: bool
         f"- retain accuracy {metrics['retain_before']:.3f} → {metrics['retain_after']:.3f} "
         f"(mean drop {metrics['retain_drop']:.3f}; max cell drop {metrics['retain_max_cell_drop']:.3f} "
         f"at `{metrics['worst_retain_cell']}`)",
+        *([f"- residual probe (forgotten cell vs its nearest kept cells, linear, held-out accuracy above chance): "
+           f"{metrics['probe_excess_before']:.3f} → {metrics['probe_excess_after']:.3f} at most; the released image "
+           "embedding only"] if "probe_excess_after" in metrics else []),
         "",
         "| check | decided on | limit | estimate | n | rule | status |",
         "| --- | ---: | ---: | ---: | ---: | --- | :---: |",
@@ -68,9 +71,10 @@ def measure(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], 
     g = Grid.from_dict(grid)
     base_model = loaded_model(arch, base["path"], base["sha256"])
     images, evaluation = evaluation_images(base_model, g, data_path, heldout_files, synthesis, data_uri)
-    before, after = evaluate_pair(base_model, load_model(arch, model["path"]), images, g)
     forget_groups = [ForgetGroup(x["mode"], tuple(parse_cells(x["cells"]))) for x in groups]
-    return judge(forget_groups, before, after, Thresholds(**thresholds), evaluation)
+    forget = list(dict.fromkeys(c for fg in forget_groups for c in fg.cells))
+    before, after, probe = evaluate_pair(base_model, load_model(arch, model["path"]), images, g, forget=forget)
+    return judge(forget_groups, before, after, Thresholds(**thresholds), evaluation, probe)
 
 
 @task(name="validate")
@@ -92,6 +96,11 @@ def validate(request_id: str, arch: str, base: dict, unlearned: dict, grid: dict
                              key=artifact_key(request_id, "summary"), description="unlearning verdict and checks")
     create_table_artifact([{**r, "before": round(r["before"], 4), "after": round(r["after"], 4)} for r in table],
                           key=artifact_key(request_id, "cells"), description="per-cell accuracy before/after")
+    if out["probe"]:
+        create_table_artifact([{"cell": p["cell"], "against": ", ".join(p["against"]), "chance": round(p["chance"], 4),
+                                "before": round(p["before"], 4), "after": round(p["after"], 4), "n_test": p["n_test"]}
+                               for p in out["probe"]], key=artifact_key(request_id, "probe"),
+                              description="residual-knowledge probe per forgotten cell (held-out accuracy)")
     for c in checks:
         (logger.info if c["passed"] else logger.warning)("check %s: %.4f (limit %.4f) %s", c["name"], c["value"],
                                                          c["limit"], "passed" if c["passed"] else "FAILED")

@@ -179,3 +179,25 @@ def mode_checks(mode: str, before: EvalReport, after: EvalReport, forget: Sequen
                                 rule=worst.rule, resolvable=all(c.resolvable for c in per_domain.values()),
                                 cell=worst.name.rsplit(" ", 1)[-1]))
     return checks
+
+
+def probe_check(name: str, results: Sequence, limit: float) -> Check:
+    """The residual-knowledge audit as a check (clipforget.gate.probe): for each forgotten cell, the 95% upper bound of
+    the probe's held-out accuracy minus chance; the worst cell decides. A probe at chance on n held-out images
+    resolves the limit only if its own bound does (n of about 100 for 0.10 at a chance of 0.75)."""
+    if not results:
+        return Check(name, 1.0, limit, rule="linear probe: no forgotten cell had images on both sides",
+                     resolvable=False)
+
+    def bound(accuracy: float, n: int) -> float:
+        return upper_bound(int(round(accuracy * n)), n)
+
+    excess = {r.cell: bound(r.after, r.n_test) - r.chance for r in results}
+    worst = max(results, key=lambda r: excess[r.cell])
+    return Check(name, excess[worst.cell], limit, n=worst.n_test, estimate=worst.after - worst.chance,
+                 interval=(lower_bound(int(round(worst.after * worst.n_test)), worst.n_test) - worst.chance,
+                           excess[worst.cell]),
+                 rule=f"linear probe vs {', '.join(worst.against)}: 95% upper bound of held-out accuracy minus chance "
+                      f"({worst.chance:.2f})",
+                 resolvable=all(bound(r.chance, r.n_test) - r.chance <= limit + 1e-12 for r in results),
+                 cell=worst.cell)

@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from clipforget.gate.criteria import Check, forget_cell_check, max_drop_check, mode_checks
+from clipforget.gate.criteria import Check, forget_cell_check, max_drop_check, mode_checks, probe_check
+from clipforget.gate.probe import ProbeResult, max_excess
 from clipforget.method.evaluate import EvalReport
 from clipforget.method.grid import Cell
 
@@ -28,12 +29,24 @@ class Thresholds(BaseModel):
     max_retain_drop: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
                                           description="largest accuracy drop of any retain cell")
     mode_criteria: bool = Field(default=True, description="also apply the mode's acceptance criteria (criteria.py)")
+    max_probe_excess: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False,
+                                           description="largest accuracy above chance a linear probe may reach telling "
+                                           "a forgotten cell from its nearest kept cells in the released image "
+                                           "embedding (95% upper bound; the residual-knowledge audit); default: "
+                                           "reported, not checked")
 
     @model_validator(mode="after")
     def _some_check(self) -> Thresholds:
-        if not self.mode_criteria and self.max_forget_acc is None and self.max_retain_drop is None:
-            raise ValueError("without the mode's criteria give max_forget_acc or max_retain_drop: a gate needs a check")
+        if not self.mode_criteria and self.max_forget_acc is None and self.max_retain_drop is None \
+                and self.max_probe_excess is None:
+            raise ValueError("without the mode's criteria give max_forget_acc, max_retain_drop or max_probe_excess: "
+                             "a gate needs a check")
         return self
+
+    def digest_exclude(self) -> set[str]:
+        """Fields left out of request and policy digests: a check added later and not set digests as before it
+        existed, so registered versions keep their ids."""
+        return {"max_probe_excess"} if self.max_probe_excess is None else set()
 
 
 @dataclass(frozen=True)
@@ -114,8 +127,9 @@ def cumulative_mode(modes: Sequence[str]) -> str:
 
 
 def gate_checks(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalReport,
-                thresholds: Thresholds) -> list[Check]:
-    """Every check the unlearned model must pass to be registered."""
+                thresholds: Thresholds, probe: Sequence[ProbeResult] | None = None) -> list[Check]:
+    """Every check the unlearned model must pass to be registered. `probe`: the residual-knowledge audit of the
+    forgotten cells (clipforget.gate.probe), checked when the thresholds set `max_probe_excess`."""
     checks = group_checks(groups, before, after) if thresholds.mode_criteria else []
     forget = list(dict.fromkeys(c for g in groups for c in g.cells))
     measured = after.by_cell()
@@ -126,6 +140,8 @@ def gate_checks(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalRe
     if thresholds.max_retain_drop is not None and retain:
         checks.append(max_drop_check("request: max retain-cell drop", before, after, retain,
                                      thresholds.max_retain_drop))
+    if thresholds.max_probe_excess is not None:
+        checks.append(probe_check("request: residual probe above chance", probe or [], thresholds.max_probe_excess))
     return checks
 
 
@@ -150,6 +166,7 @@ class Verdict:
     after: EvalReport
     checks: tuple[Check, ...]
     evaluation: str  # what the images were (a data URI, or held-out prototypes)
+    probe: tuple[ProbeResult, ...] = ()  # the residual-knowledge audit per forgotten cell, when measured
 
     @property
     def forget(self) -> list[Cell]:
@@ -179,15 +196,24 @@ class Verdict:
         failed = [rejection(c) for c in self.check_dicts() if not c["passed"]]
         return "; ".join(failed) or None
 
+    def metrics(self) -> dict[str, float | str]:
+        """The outcome, and the probe's largest excess over chance before and after when it was measured."""
+        out: dict[str, float | str] = dict(asdict(self.outcome()))
+        if self.probe:
+            out["probe_excess_before"] = max_excess(self.probe, "before") or 0.0
+            out["probe_excess_after"] = max_excess(self.probe, "after") or 0.0
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        """The report's verdict fields: passed, checks, metrics, cells, before, after, evaluation."""
-        return {"passed": self.passed, "checks": self.check_dicts(), "metrics": asdict(self.outcome()),
-                "cells": cell_table(self.before, self.after, self.forget), "before": self.before.to_dict(),
-                "after": self.after.to_dict(), "evaluation": {"data": self.evaluation, "images": self.images}}
+        """The report's verdict fields: passed, checks, metrics, cells, probe, before, after, evaluation."""
+        return {"passed": self.passed, "checks": self.check_dicts(), "metrics": self.metrics(),
+                "cells": cell_table(self.before, self.after, self.forget), "probe": [p.to_dict() for p in self.probe],
+                "before": self.before.to_dict(), "after": self.after.to_dict(),
+                "evaluation": {"data": self.evaluation, "images": self.images}}
 
 
 def judge(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalReport, thresholds: Thresholds | None = None,
-          evaluation: str = "") -> Verdict:
+          evaluation: str = "", probe: Sequence[ProbeResult] | None = None) -> Verdict:
     """The verdict: every check the unlearned model must pass to be registered, on these measurements."""
-    checks = gate_checks(groups, before, after, thresholds or Thresholds())
-    return Verdict(tuple(groups), before, after, tuple(checks), evaluation)
+    checks = gate_checks(groups, before, after, thresholds or Thresholds(), probe)
+    return Verdict(tuple(groups), before, after, tuple(checks), evaluation, tuple(probe or ()))

@@ -136,7 +136,10 @@ class ModelPolicy(BaseModel):
     def policy_digest(self) -> str:
         """A digest of everything in the policy that decides a built model."""
         # a policy without fit_uri digests as before the field existed: its registered versions keep their ids
-        exclude = {"registered_name"} | ({"fit_uri"} if self.fit_uri is None else set())
+        # (nor a threshold added later and not set)
+        exclude: dict = {k: True for k in {"registered_name"} | ({"fit_uri"} if self.fit_uri is None else set())}
+        if self.thresholds.digest_exclude():
+            exclude["thresholds"] = self.thresholds.digest_exclude()
         return hashlib.sha256(json.dumps(self.model_dump(exclude=exclude), sort_keys=True).encode()).hexdigest()
 
 
@@ -187,7 +190,10 @@ class UnlearnRequest(ModelPolicy):
     def content_digest(self) -> str:
         """A digest of everything that decides the result (not who asked, the id itself, nor promotion)."""
         # without fit_uri, as before the field existed: a repeated request keeps its id across the upgrade
-        exclude = {"request_id", "requested_by", "promote"} | ({"fit_uri"} if self.fit_uri is None else set())
+        exclude: dict = {k: True for k in {"request_id", "requested_by", "promote"}
+                         | ({"fit_uri"} if self.fit_uri is None else set())}
+        if self.thresholds.digest_exclude():
+            exclude["thresholds"] = self.thresholds.digest_exclude()
         data = self.model_dump(exclude=exclude)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

@@ -32,6 +32,9 @@ PRECISION = typer.Option("auto", "--precision", help="Synthesis precision: auto 
                          "it natively: CUDA with bf16, AVX512-BF16/AMX CPUs; else fp32), fp32 or bf16.")
 HELDOUT = typer.Option(20, "--heldout-per-cell", help="Held-out prototypes per cell for data-free evaluation "
                        "(20: the fewest whose 95% upper bound can pass the 0.15 forget limit, docs/GATE.md).")
+PROBE = typer.Option(None, "--max-probe-excess", help="Also gate on the residual-knowledge probe: the largest held-out "
+                     "accuracy above chance (95% upper bound) a linear probe may reach telling a forgotten cell from "
+                     "its nearest kept cells in the released image embedding. Default: reported, not checked.")
 
 
 class UserError(Exception):

@@ -15,6 +15,7 @@ from flows.cli.common import (
     MODEL,
     PRECISION,
     PRETRAINED,
+    PROBE,
     SEED,
     STEPS,
     TARGET,
@@ -141,10 +142,12 @@ def forget_cmd(
     heldout_per_cell: int = HELDOUT,
     kind: str = typer.Option(None, "--projection", help="soft, hard or margin (default per mode)."),
     source: str = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode)."),
+    max_probe_excess: float = PROBE,
     templates: Path = TEMPLATES,
     device: str = DEVICE,
 ) -> None:
     """Run the core method without orchestration: write the unlearned checkpoint and a report."""
+    from clipforget.gate.verdict import Thresholds
     from clipforget.io.atomic import write_json
     from clipforget.method.grid import forget_cells, parse_names
     from clipforget.method.projection import default_config
@@ -162,13 +165,18 @@ def forget_cmd(
         result = run_forget(loaded, g, mode=mode, classes=cls_list, domains=dom_list,
                             synthesis=synthesis_config(model, prototypes_per_cell, steps, target_cosine, seed, precision),
                             nullspace=ns, out=out, data=data, heldout_per_cell=heldout_per_cell, templates=prompts,
-                            progress=progress_bar(), bank=bank(), fit_data=fit_data)
+                            progress=progress_bar(), bank=bank(), fit_data=fit_data,
+                            thresholds=Thresholds(max_probe_excess=max_probe_excess))
     except user_errors() as e:
         fail(e)
     write_json(json_out, result.report)
     m = result.report["metrics"]
     typer.echo(f"forget accuracy {m['forget_before']:.3f} -> {m['forget_after']:.3f}; retain accuracy "
                f"{m['retain_before']:.3f} -> {m['retain_after']:.3f} (max cell drop {m['retain_max_cell_drop']:.3f})")
+    if "probe_excess_after" in m:
+        typer.echo(f"residual probe above chance {m['probe_excess_before']:.3f} -> {m['probe_excess_after']:.3f} "
+                   "(worst forgotten cell vs its nearest kept cells)")
+    typer.echo(f"{'approved' if result.report['passed'] else 'not approved: ' + str(result.report['rejected'])}")
     typer.echo(f"wrote {out} and {json_out}")
 
 

@@ -73,6 +73,7 @@ def test_forget_writes_a_loadable_checkpoint_and_a_report(data, tmp_path):
     for key in ("forget_before", "forget_after", "retain_before", "retain_after", "retain_drop"):
         assert key in rep["metrics"]
     assert {"prototypes_s", "nullspace_s", "fold_s", "total_s"} <= set(rep["timings"])
+    assert [p["cell"] for p in rep["probe"]] == rep["forget_cells"] and "residual probe" in r.output
     roles = {c["role"] for c in rep["cells"]}
     assert roles == {"forget", "retain"} and len(rep["cells"]) == 40
     # the unlearned checkpoint is an ordinary toy checkpoint, evaluable by the same command

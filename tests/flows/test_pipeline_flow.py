@@ -64,6 +64,11 @@ def test_first_request_is_approved_and_registered(first, pipeline):
     summary = Artifact.get("forget-star-1-summary")
     assert summary is not None and "APPROVED" in summary.data and "max forget-cell accuracy" in summary.data
     assert Artifact.get("forget-star-1-cells") is not None
+    # the residual-knowledge audit is reported per forgotten cell, in the report, the artifacts and the registry
+    assert [p["cell"] for p in rep["probe"]] == info["forget_cells"]
+    assert all(p["before"] > p["chance"] and len(p["against"]) == 3 for p in rep["probe"])
+    assert info["metrics"]["probe_excess_after"] == pytest.approx(rep["metrics"]["probe_excess_after"], abs=1e-5)
+    assert Artifact.get("forget-star-1-probe") is not None and "residual probe" in summary.data
 
 
 def test_registered_model_is_pickle_free(first, pipeline):
@@ -130,13 +135,15 @@ def test_unmeetable_threshold_registers_nothing_and_reuses_the_prototype_bank(fi
     # zero is unmeetable unless the first model was perfect on both counts
     m = first["report"]["metrics"]
     assert m["forget_max_after"] > 0 or m["retain_max_cell_drop"] > 0, "a perfect model: pick another request"
-    strict = star_request(pipeline, "forget-star-strict", thresholds=Thresholds(max_retain_drop=0.0, max_forget_acc=0.0))
+    strict = star_request(pipeline, "forget-star-strict", thresholds=Thresholds(max_retain_drop=0.0, max_forget_acc=0.0,
+                                                                             max_probe_excess=0.0))
     second = run(strict, tmp_path)
     assert second["state"].is_failed()
     rep = second["report"]
     assert rep["passed"] is False and rep["registered"] is None and "rejected" in rep
     failed = [c for c in rep["checks"] if not c["passed"]]
     assert failed and all(c["name"].startswith("request:") for c in failed)
+    assert "request: residual probe above chance" in {c["name"] for c in failed}  # the optional probe check
     assert rep["metrics"]["forget_before"] > 0.9  # the numbers are in the report and the artifact
     summary = Artifact.get("forget-star-strict-summary").data
     assert "REJECTED" in summary and f"{failed[-1]['value']:.4f}" in summary

@@ -95,6 +95,59 @@ def test_the_probe_finds_a_separable_cell_and_not_a_merged_one():
     assert result.after <= result.chance + 0.10
 
 
+def test_the_probe_is_not_fooled_by_moving_a_cell_onto_its_neighbours_mean():
+    """Unit-norm embeddings whose cells differ by a few hundredths, as CLIP's do: moving the forgotten cell's mean
+    onto its neighbours' mean and keeping its shape removes nothing, and the audit must still find it."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    d, per = 32, 40
+    cells = [Cell("star", "photo"), Cell("heart", "photo"), Cell("tree", "photo"), Cell("house", "photo")]
+    base = torch.nn.functional.normalize(torch.ones(d), dim=0)
+    centers = torch.nn.functional.normalize(base + 0.05 * torch.randn(len(cells), d, generator=gen), dim=-1)
+    # each cell has its own shape: a few directions of its own in which it spreads
+    shapes = [torch.randn(d, 4, generator=gen) * 0.01 for _ in cells]
+    labels = [c for c in cells for _ in range(per)]
+    before = torch.stack([centers[cells.index(c)] + shapes[cells.index(c)] @ torch.randn(4, generator=gen)
+                          for c in labels])
+    star = torch.tensor([c == cells[0] for c in labels])
+    after = before.clone()
+    after[star] += before[~star].mean(0) - before[star].mean(0)  # same mean as the neighbours, same shape
+    (result,) = residual_probe(before, after, [(c.cls, c.domain) for c in labels], [cells[0]])
+    assert result.before > 0.95
+    assert result.after > result.chance + 0.15  # still told apart: the released embedding still holds the cell
+
+
+def _probe(after: float, n_test: int = 100, cell: str = "star/photo"):
+    from clipforget.gate.probe import ProbeResult
+
+    return ProbeResult(cell, ["heart/photo", "tree/photo", "house/photo"], 0.75, 1.0, after, n_test, n_test)
+
+
+def test_the_probe_is_an_optional_check_decided_on_its_upper_bound():
+    from clipforget.gate.verdict import judge
+
+    before = report({})
+    after = report({c: 0.0 for c in STAR.cells})
+    assert not any("probe" in c.name for c in gate_checks([STAR], before, after, Thresholds(), [_probe(1.0)]))
+    strict = Thresholds(max_probe_excess=0.10)
+    # a probe at chance on 100 held-out images: its upper bound (0.82) is within 0.10 of chance
+    ok = judge([STAR], before, after, strict, probe=[_probe(0.75), _probe(0.76, cell="star/sketch")])
+    assert ok.passed, ok.rejected()
+    d = ok.to_dict()
+    assert [p["cell"] for p in d["probe"]] == ["star/photo", "star/sketch"]
+    assert d["metrics"]["probe_excess_after"] == pytest.approx(0.01) and d["metrics"]["probe_excess_before"] == 0.25
+    # the forgotten cell is still found: rejected, naming the cell and the rule
+    found = judge([STAR], before, after, strict, probe=[_probe(0.75), _probe(0.97, cell="star/sketch")])
+    assert not found.passed
+    assert "residual probe" in found.rejected() and "star/sketch" in next(
+        c.cell for c in found.checks if "probe" in c.name)
+    # 20 held-out images cannot resolve 0.10 even at chance, and no probe at all is no evidence
+    for thin in ([_probe(0.75, n_test=20)], []):
+        (check,) = [c for c in gate_checks([STAR], before, after, strict, thin) if "probe" in c.name]
+        assert check.status == "not enough evidence" and not check.passed
+
+
 def test_each_mode_of_a_cumulative_set_is_judged_on_its_own_cells():
     before = report({})
     # 1 of 50 images still recognized: the 95% upper bound (0.091) is under the 0.15 limit

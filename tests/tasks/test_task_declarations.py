@@ -52,6 +52,11 @@ def test_request_defaults_and_identity():
     b = UnlearnRequest(mode="global", classes=["star"], requested_by="someone else", promote=True)
     c = UnlearnRequest(mode="global", classes=["heart"])
     assert a.request_id == b.request_id != c.request_id and a.request_id.startswith("req-")
+    # a request keeps its id across releases: a field added later and left unset digests as before it existed
+    # (this id was issued before `fit_uri` and `thresholds.max_probe_excess`); setting it makes another request
+    assert a.request_id == "req-5e9281ee8d822c3e"
+    probed = UnlearnRequest(mode="global", classes=["star"], thresholds=Thresholds(max_probe_excess=0.1))
+    assert probed.request_id != a.request_id and probed.policy().policy_digest() != a.policy().policy_digest()
     assert a.registered_name == "clipforget-toy" and a.synthesis.config("toy").target_cosine == 0.77
     with pytest.raises(ValueError, match="request_id"):
         UnlearnRequest(mode="global", classes=["star"], request_id="no spaces")
