@@ -16,6 +16,7 @@ import torch
 from clipforget.gate.verdict import ForgetGroup, Thresholds, judge
 from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
 from clipforget.io.checkpoints import LoadedModel, save_checkpoint
+from clipforget.method.data import require_every_cell
 from clipforget.method.evaluate import LabelledImages, ZeroShotClassifier, image_features
 from clipforget.method.fold import fold_projection
 from clipforget.method.grid import Cell, Grid, forget_cells, retain_cells
@@ -105,12 +106,7 @@ def image_prototypes(loaded: LoadedModel, grid: Grid, images: LabelledImages, te
     """Labelled images as the fit set of a projection: their normalized embeddings in place of prototypes (`cosines`:
     each image's cosine to its cell's text target; no synthesis steps). Every cell of the grid needs images: the
     projection is fitted on the forget and the retain cells alike."""
-    have = set(images.cells)
-    missing = [str(c) for c in grid.cells if c not in have]
-    if missing:
-        raise ValueError(f"the fit images have no images for {len(missing)} of {len(grid.cells)} cells of grid "
-                         f"{grid.name!r} ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); the "
-                         "projection is fitted on every cell, forgotten and kept")
+    require_every_cell(images.cells, grid)
     t = time.perf_counter()
     emb = torch.nn.functional.normalize(image_features(loaded.model, images.pixels), dim=-1)
     targets = torch.stack([text[c][-1] for c in images.cells])

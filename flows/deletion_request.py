@@ -20,9 +20,10 @@ from clipforget.governance.request import DeletionRequest, ModelPolicy
 from clipforget.io import registry
 from clipforget.io.atomic import write_json
 from clipforget.io.checkpoints import check_arch
-from clipforget.method.data import list_labelled_images
+from clipforget.method.data import list_labelled_images, require_every_cell
 from flows.pipeline import Build, Inputs, fetch_inputs, groups_of, run_pipeline
 from flows.runners import task_runner
+from tasks.fetch import fetch_eval_data
 from tasks.record import append_request, entry_of, ledger_location, read_ledger
 from tasks.register import find_registered, promote_model
 
@@ -78,6 +79,9 @@ def deletion_request(request: DeletionRequest, policy: ModelPolicy | None = None
     grid = inputs[2]
     if inputs[1] is not None:
         list_labelled_images(inputs[1], grid)  # cells outside the grid fail now, not after synthesis
+    if policy.fit_uri:  # and fit images that cannot fit a projection fail before the request enters the ledger
+        fit_path = fetch_eval_data(policy.fit_uri, grid.to_dict())
+        require_every_cell((c for _, c in list_labelled_images(fit_path, grid)), grid, f"the fit images {policy.fit_uri}")
     entries = [entry_of(d) for d in read_ledger(location)]
     cells = request.cells(grid)
     known = {c for g in groups_of([e.request for e in entries], grid) for c in g.cells}

@@ -5,6 +5,7 @@ That is the layout of PACS and DomainNet, and what `clipforget toy render` write
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,17 @@ def _inside(root: Path, path: Path) -> None:
     """A symlink may point anywhere; evaluation data must stay inside its folder."""
     if not path.resolve().is_relative_to(root.resolve()):
         raise ValueError(f"{path} points outside the evaluation data folder {root} (to {path.resolve()})")
+
+
+def require_every_cell(present: Iterable[Cell], grid: Grid, what: str = "the fit images") -> None:
+    """ValueError naming the cells of `grid` that have no image: a projection is fitted on every cell, forgotten
+    and kept."""
+    have = set(present)
+    missing = [str(c) for c in grid.cells if c not in have]
+    if missing:
+        raise ValueError(f"{what} have no images for {len(missing)} of {len(grid.cells)} cells of grid "
+                         f"{grid.name!r} ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); the "
+                         "projection is fitted on every cell, forgotten and kept")
 
 
 def list_labelled_images(root: str | Path, grid: Grid | None = None) -> list[tuple[Path, Cell]]:

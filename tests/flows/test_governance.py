@@ -106,6 +106,19 @@ def test_bad_request_changes_nothing(two, setup, tmp_path):
                                  domains=["photo", "painting", "cartoon", "sketch"])
     with pytest.raises(ValueError, match="every cell"):
         deletion_request(everything, setup["policy"], setup["ledger"], True, str(tmp_path / "all.json"))
+    # a policy whose fit images miss cells cannot build any version: the request must not enter the ledger
+    from clipforget.method.data import write_image
+    from clipforget.method.grid import Cell
+    from clipforget.toyworld.render import render_cells
+
+    partial = tmp_path / "fit-photo-only"
+    images, cells = render_cells([Cell(c, "photo") for c in ("star", "heart")], 1, 17)
+    for image, (cls, domain) in zip(images, cells, strict=True):
+        write_image(partial, Cell(cls, domain), 0, image)
+    fits_nothing = setup["policy"].model_copy(update={"fit_uri": str(partial)})
+    later = DeletionRequest(request_id="dsr-tree", mode="global", classes=["tree"])
+    with pytest.raises(ValueError, match="no images for 38 of 40 cells"):
+        deletion_request(later, fits_nothing, setup["ledger"], True, str(tmp_path / "fit.json"))
     assert [e.request_id for e in Ledger(setup["ledger"]).entries()] == ["dsr-house-sketch", "dsr-house-cartoon"]
 
 
