@@ -133,14 +133,20 @@ class ModelPolicy(BaseModel):
             self.registered_name = f"clipforget-{self.arch}"
         return self
 
-    def policy_digest(self) -> str:
-        """A digest of everything in the policy that decides a built model."""
-        # a policy without fit_uri digests as before the field existed: its registered versions keep their ids
-        # (nor a threshold added later and not set)
-        exclude: dict = {k: True for k in {"registered_name"} | ({"fit_uri"} if self.fit_uri is None else set())}
+    def _digest(self, *left_out: str) -> str:
+        """sha256 of the fields, less `left_out` and the fields added later and not set (`fit_uri`, a later
+        threshold): a policy or request that does not use them digests as before they existed, so its registered
+        versions and request id stay the same across the upgrade."""
+        exclude: dict = {k: True for k in left_out}
+        if self.fit_uri is None:
+            exclude["fit_uri"] = True
         if self.thresholds.digest_exclude():
             exclude["thresholds"] = self.thresholds.digest_exclude()
         return hashlib.sha256(json.dumps(self.model_dump(exclude=exclude), sort_keys=True).encode()).hexdigest()
+
+    def policy_digest(self) -> str:
+        """A digest of everything in the policy that decides a built model."""
+        return self._digest("registered_name")
 
 
 
@@ -189,13 +195,7 @@ class UnlearnRequest(ModelPolicy):
 
     def content_digest(self) -> str:
         """A digest of everything that decides the result (not who asked, the id itself, nor promotion)."""
-        # without fit_uri, as before the field existed: a repeated request keeps its id across the upgrade
-        exclude: dict = {k: True for k in {"request_id", "requested_by", "promote"}
-                         | ({"fit_uri"} if self.fit_uri is None else set())}
-        if self.thresholds.digest_exclude():
-            exclude["thresholds"] = self.thresholds.digest_exclude()
-        data = self.model_dump(exclude=exclude)
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        return self._digest("request_id", "requested_by", "promote")
 
     def policy(self) -> ModelPolicy:
         return ModelPolicy(**self.model_dump(include=set(ModelPolicy.model_fields)))
