@@ -30,7 +30,7 @@ import torch
 
 from clipforget.gate.criteria import FORGET_CELL_LIMIT
 from clipforget.gate.probe import residual_probe
-from clipforget.gate.verdict import ForgetGroup, Thresholds, cumulative_mode, gate_checks
+from clipforget.gate.verdict import ForgetGroup, Thresholds, cumulative_mode, evidence_per_cell, gate_checks
 from clipforget.io.atomic import write_json, write_text
 from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
 from clipforget.io.checkpoints import load_model
@@ -40,7 +40,7 @@ from clipforget.method.grid import forget_cells, resolve_grid, retain_cells
 from clipforget.method.projection import cell_text_embeddings, default_config, fit_projection, text_targets
 from clipforget.method.prompts import TemplateSet
 from clipforget.method.synthesis import SynthesisConfig, hardware_summary
-from clipforget.runner import heldout_config
+from clipforget.runner import HELDOUT_BLOCK, heldout_config
 from clipforget.toyworld.render import render_cells
 
 REPORT_SEED = 7  # the render the published tables come from; settings were chosen on seeds 1 and 5
@@ -98,7 +98,8 @@ def main() -> None:
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
     settings = SynthesisSettings(precision=args.precision)
     synth = settings.config("toy")
-    held_n = args.heldout_per_cell or settings.heldout_per_cell
+    held_n = args.heldout_per_cell or settings.heldout_per_cell  # None: sized per request from the gate's limits
+    held_block: list[int] = []  # the block of each held-out row (sized evidence)
     bank = PrototypeBank(cache_root() / "prototypes")
     text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates, grid.cells)
     targets = dict(zip(grid.cells, text_targets(text, grid.cells), strict=True))
@@ -125,13 +126,31 @@ def main() -> None:
     if args.eval_images:  # the gate's evidence: rendered images, as a policy's data_uri would give
         held_n = args.eval_images
         held_set = LabelledImages.from_arrays(*render_cells(grid.cells, held_n, args.eval_seed), loaded.preprocess)
-    else:
+    elif held_n is not None and held_n % HELDOUT_BLOCK:
         held, _ = banked(heldout_config(synth, held_n), True)
         assert held.images is not None
         held_set = LabelledImages.from_arrays(held.images, held.cells, loaded.preprocess)
+    else:  # in blocks of 10 per cell, as the pipeline draws them; sized per request unless --heldout-per-cell
+        blocks = -(-(held_n or 2 * HELDOUT_BLOCK) // HELDOUT_BLOCK)  # sized: a mode's checks need at most 20
+        pixels, held_cells = [], []
+        for b in range(blocks):
+            held, _ = banked(heldout_config(synth, HELDOUT_BLOCK, b), True)
+            assert held.images is not None
+            got = LabelledImages.from_arrays(held.images, held.cells, loaded.preprocess)
+            pixels.append(got.pixels)
+            held_cells += got.cells
+            held_block += [b] * len(got.cells)
+        held_set = LabelledImages(torch.cat(pixels), held_cells)
     synth_s = time.perf_counter() - t
     held_feats = image_features(loaded.model, held_set.pixels)
-    held_base = classifier.evaluate(held_feats, held_set.cells)
+
+    def evidence(groups: list[ForgetGroup]) -> tuple[torch.Tensor, list]:
+        """The held-out rows a request is judged on: every row, or with sized evidence the blocks each cell needs."""
+        if not held_block or held_n is not None:
+            return torch.arange(len(held_set.cells)), held_set.cells
+        need = evidence_per_cell(groups, grid.cells)
+        rows = [i for i, (c, b) in enumerate(zip(held_set.cells, held_block, strict=True)) if need[c] > b * HELDOUT_BLOCK]
+        return torch.tensor(rows), [held_set.cells[i] for i in rows]
     imgs, cells = render_cells(grid.cells, args.per_cell, args.render_seed)
     render_set = LabelledImages.from_arrays(imgs, cells, loaded.preprocess)
     render_feats = image_features(loaded.model, render_set.pixels)
@@ -148,7 +167,9 @@ def main() -> None:
             over = {k: type(getattr(cfg, k))(v) for k, v in (f.split("=", 1) for f in fields)}
             cfg = replace(cfg, kind=name, **over)  # type: ignore[arg-type]
         proj = fit_projection(forget, retain_cells(grid, forget), text, protos, cfg, rows_cls)
-        held_after = classifier.evaluate(proj(held_feats), held_set.cells)
+        rows, held_cells = evidence(groups)
+        held_base = classifier.evaluate(held_feats[rows], held_cells)
+        held_after = classifier.evaluate(proj(held_feats[rows]), held_cells)
         gate = gate_checks(groups, held_base, held_after, Thresholds())
         after_feats = proj(render_feats)
         after = classifier.evaluate(after_feats, render_set.cells)
@@ -209,7 +230,8 @@ def main() -> None:
     agreement = {label: agreement_table(rows) for label, rows in results.items()}
     for label, s in summary.items():
         print(f"[{label}] {s}", flush=True)
-    out = {"render_seed": args.render_seed, "per_cell": args.per_cell, "heldout_per_cell": held_n,
+    out = {"render_seed": args.render_seed, "per_cell": args.per_cell,
+           "heldout_per_cell": held_n if held_n is not None else "sized",
            "command": "python bench/requests.py " + " ".join(sys.argv[1:]),
            "fit": {"on": fit_on, **({"images_per_cell": args.fit_images, "seed": args.fit_seed} if args.fit_images else {})},
            "gate_evidence": ({"on": "rendered images", "per_cell": args.eval_images, "seed": args.eval_seed}
@@ -271,6 +293,8 @@ def _evidence(out: dict) -> str:
             f"projections fitted on {fit['images_per_cell']} rendered images per cell (seed {fit['seed']})")
     if ev["on"] == "rendered images":
         return f"{what}, the gate judging on {ev['per_cell']} rendered images per cell (seed {ev['seed']})"
+    if out["heldout_per_cell"] == "sized":
+        return f"{what}, held-out prototypes sized per request from the gate's limits (10 or 20 per cell)"
     return f"{what}, held-out prototypes {out['heldout_per_cell']} per cell"
 
 

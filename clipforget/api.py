@@ -53,11 +53,12 @@ def synthesis_for(model: LoadedModel, **settings: Any) -> SynthesisConfig:
 def forget(model: LoadedModel, *, mode: str, out: str | Path, classes: Sequence[str] = (),
            domains: Sequence[str] = (), grid: str | Grid | None = None, data: str | Path | None = None,
            synthesis: SynthesisConfig | None = None, nullspace: NullspaceConfig | None = None,
-           thresholds: Thresholds | None = None, heldout_per_cell: int = 20, bank: PrototypeBank | None = None,
+           thresholds: Thresholds | None = None, heldout_per_cell: int | None = None, bank: PrototypeBank | None = None,
            progress: Callable[[dict], None] | None = None, fit_data: str | Path | None = None) -> ForgetResult:
     """Forget `classes` / `domains` (by `mode`: global, domain or domain_complete) and write the unlearned
     checkpoint to `out` (safetensors). Judged on `data` (labelled folder) or, without it, on held-out
-    prototypes; `result.report["passed"]` is the gate's verdict, `result.model` the unlearned model.
+    prototypes (`heldout_per_cell` of each cell; default: as many per cell as the gate's checks need, docs/GATE.md);
+    `result.report["passed"]` is the gate's verdict, `result.model` the unlearned model.
     Prototypes come from (and go to) the machine's prototype bank unless another `bank` is given. With `fit_data`
     (a labelled folder with images of every cell, other than `data`) the projection is fitted on those images with
     the mode's image settings instead of on prototypes (docs/GATE.md, "fitting on images")."""

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from clipforget.gate.verdict import ForgetGroup, Thresholds, judge
+from clipforget.gate.verdict import ForgetGroup, Thresholds, evidence_per_cell, judge
 from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
 from clipforget.io.checkpoints import LoadedModel, save_checkpoint
 from clipforget.method.data import require_every_cell
@@ -27,11 +27,33 @@ from clipforget.method.synthesis import Prototypes, SynthesisConfig, synthesize
 from clipforget.steps import checkpoint_metadata, compare_models
 
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out prototypes never share a seed with the forget set's
+# held-out prototypes sized from the gate's limits come in blocks of 10 per cell, block b with its own seed: a cell
+# that one request needs 20 of and another 10 shares the first block in the bank
+HELDOUT_BLOCK = 10
+HELDOUT_BLOCK_SEED_STRIDE = 10_007
 
 
-def heldout_config(synthesis: SynthesisConfig, per_cell: int) -> SynthesisConfig:
-    """Synthesis settings of the held-out prototypes used for data-free validation."""
-    return replace(synthesis, seed=synthesis.seed + HELDOUT_SEED_OFFSET, prototypes_per_cell=per_cell)
+def heldout_config(synthesis: SynthesisConfig, per_cell: int, block: int = 0) -> SynthesisConfig:
+    """Synthesis settings of the held-out prototypes used for data-free validation: `per_cell` of each cell, or block
+    `block` of the sized held-out set (`heldout_blocks`)."""
+    return replace(synthesis, seed=synthesis.seed + HELDOUT_SEED_OFFSET + block * HELDOUT_BLOCK_SEED_STRIDE,
+                   prototypes_per_cell=per_cell)
+
+
+def heldout_blocks(synthesis: SynthesisConfig, need: Mapping[Cell, int]) -> list[tuple[SynthesisConfig, list[Cell]]]:
+    """The held-out prototypes that give each cell at least `need[cell]` (`evidence_per_cell`): per block, its settings
+    and the cells that need it. Block 0 holds every cell; a cell needing 20 also gets block 1."""
+    blocks = max((-(-n // HELDOUT_BLOCK) for n in need.values()), default=0)
+    return [(heldout_config(synthesis, HELDOUT_BLOCK, b), [c for c, n in need.items() if n > b * HELDOUT_BLOCK])
+            for b in range(blocks)]
+
+
+def heldout_label(per_cell: int | Mapping[Cell, int]) -> str:
+    """What the held-out evidence was, for reports: "held-out prototypes (20/cell)" or "(10-20/cell, sized ...)"."""
+    if isinstance(per_cell, int):
+        return f"held-out prototypes ({per_cell}/cell)"
+    got = [-(-n // HELDOUT_BLOCK) * HELDOUT_BLOCK for n in per_cell.values()]
+    return f"held-out prototypes ({min(got)}-{max(got)}/cell, sized from the gate's limits)"
 
 
 @dataclass
@@ -90,13 +112,14 @@ def unlearn_model(
 
 def prototypes_for(loaded: LoadedModel, grid: Grid, text: dict[Cell, torch.Tensor], synthesis: SynthesisConfig,
                    bank: PrototypeBank | None, with_images: bool = False,
-                   progress: Callable[[dict], None] | None = None) -> Prototypes:
-    """Prototypes of every cell of the grid: from the bank when given (synthesizing only what it lacks), else
-    synthesized now."""
-    targets = text_targets(text, grid.cells)
+                   progress: Callable[[dict], None] | None = None, cells: Sequence[Cell] | None = None) -> Prototypes:
+    """Prototypes of every cell of the grid (or of `cells`): from the bank when given (synthesizing only what it
+    lacks), else synthesized now."""
+    cells = list(grid.cells if cells is None else cells)
+    targets = text_targets(text, cells)
     if bank is None or not loaded.sha256:
-        return synthesize(loaded.model, targets, grid.cells, synthesis, progress, return_images=with_images)
-    paths, _ = synthesize_with_bank(loaded.model, dict(zip(grid.cells, targets, strict=True)), grid.cells, synthesis,
+        return synthesize(loaded.model, targets, cells, synthesis, progress, return_images=with_images)
+    paths, _ = synthesize_with_bank(loaded.model, dict(zip(cells, targets, strict=True)), cells, synthesis,
                                     loaded.sha256, bank, with_images, progress)
     return load_prototypes(paths, synthesis.resolved(loaded.device, loaded.model))
 
@@ -114,14 +137,25 @@ def image_prototypes(loaded: LoadedModel, grid: Grid, images: LabelledImages, te
                       time.perf_counter() - t, synthesis)
 
 
-def heldout_images(loaded: LoadedModel, grid: Grid, synthesis: SynthesisConfig, per_cell: int,
+def heldout_images(loaded: LoadedModel, grid: Grid, synthesis: SynthesisConfig, per_cell: int | Mapping[Cell, int],
                    templates: TemplateSet | None = None, progress: Callable[[dict], None] | None = None,
                    bank: PrototypeBank | None = None) -> LabelledImages:
-    """Fresh prototypes (another seed) as images, for data-free validation."""
+    """Fresh prototypes (another seed) as images, for data-free validation: `per_cell` of every cell, or at least
+    `per_cell[cell]` of each cell (`evidence_per_cell`), in blocks the bank shares across requests (a count that is
+    a multiple of the block comes from the same blocks)."""
     text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates or TemplateSet(), grid.cells)
-    protos = prototypes_for(loaded, grid, text, heldout_config(synthesis, per_cell), bank, True, progress)
-    assert protos.images is not None
-    return LabelledImages.from_arrays(protos.images, protos.cells, loaded.preprocess)
+    if isinstance(per_cell, int) and per_cell % HELDOUT_BLOCK == 0:  # whole blocks: the sized sets' own images
+        per_cell = dict.fromkeys(grid.cells, per_cell)
+    blocks = ([(heldout_config(synthesis, per_cell), list(grid.cells))] if isinstance(per_cell, int)
+              else heldout_blocks(synthesis, per_cell))
+    pixels, cells = [], []
+    for config, block_cells in blocks:
+        protos = prototypes_for(loaded, grid, text, config, bank, True, progress, cells=block_cells)
+        assert protos.images is not None
+        got = LabelledImages.from_arrays(protos.images, protos.cells, loaded.preprocess)
+        pixels.append(got.pixels)
+        cells += got.cells
+    return LabelledImages(torch.cat(pixels), cells)
 
 
 def run_forget(
@@ -135,7 +169,7 @@ def run_forget(
     nullspace: NullspaceConfig,
     out: str | Path,
     data: str | Path | None = None,
-    heldout_per_cell: int = 10,
+    heldout_per_cell: int | None = None,
     templates: TemplateSet | None = None,
     progress: Callable[[dict], None] | None = None,
     bank: PrototypeBank | None = None,
@@ -149,7 +183,9 @@ def run_forget(
     Judge on other images (`data`): images the projection was fitted on say little about the rest.
 
     The report holds the gate's verdict (`passed`, `checks`, `rejected`) by the same rules the pipeline
-    registers on (the mode's criteria, plus `thresholds`); the checkpoint is written either way."""
+    registers on (the mode's criteria, plus `thresholds`); the checkpoint is written either way. Data-free, the gate
+    judges on `heldout_per_cell` held-out prototypes of every cell, or by default on as many per cell as its checks
+    need (`evidence_per_cell`)."""
     t0 = time.perf_counter()
     # fail on a bad request or a bad data folder before any costly work
     forget_cells(grid, mode, classes, domains)
@@ -162,12 +198,15 @@ def run_forget(
     unlearned, projection, forget, retain, protos, timings = unlearn_model(
         loaded, grid, mode=mode, classes=classes, domains=domains, synthesis=synthesis, nullspace=nullspace,
         templates=templates, progress=progress, bank=bank, fit_images=fitset)
+    groups = [ForgetGroup(mode, tuple(forget))]
+    held: int | dict[Cell, int] = (heldout_per_cell if heldout_per_cell is not None
+                                   else evidence_per_cell(groups, grid.cells, thresholds))
     if data is None:
-        evalset = heldout_images(loaded, grid, synthesis, heldout_per_cell, templates, progress, bank)
+        evalset = heldout_images(loaded, grid, synthesis, held, templates, progress, bank)
     t = time.perf_counter()
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
     before, after, probe = compare_models(classifier, loaded.model, unlearned, evalset, forget)
-    verdict = judge([ForgetGroup(mode, tuple(forget))], before, after, thresholds, probe=probe)
+    verdict = judge(groups, before, after, thresholds, probe=probe)
     timings["evaluate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     digest = save_checkpoint(unlearned.state_dict(), out, metadata=checkpoint_metadata(
@@ -184,7 +223,7 @@ def run_forget(
         "prototypes": protos.summary() if fitset is None else None,
         "fit": ({"on": "prototypes"} if fitset is None else
                 {"on": "images", "data": str(fit_data), "images": len(fitset.cells)}),
-        "evaluation": {"data": str(data) if data is not None else f"held-out prototypes ({heldout_per_cell}/cell)",
+        "evaluation": {"data": str(data) if data is not None else heldout_label(held),
                        "images": len(evalset.cells)},
         **{k: v for k, v in verdict.to_dict().items() if k != "evaluation"},
         "rejected": verdict.rejected(),

@@ -101,7 +101,8 @@ def governance(policy: ModelPolicy | None = None, ledger: str | None = None, pro
                 findings.append(Finding("coverage", f"champion version {champ['version']} was not built for request(s) "
                                         f"{', '.join(e.request_id for e, _ in missing)} (cells {', '.join(cells)})",
                                         cells))
-            heldout, heldout_cfg = heldout_prototypes(policy, base, grid) if data_path is None else (None, None)
+            heldout, heldout_cfg = heldout_prototypes(policy, base, grid, groups) if data_path is None \
+                else (None, None)
             audit = audit_model(policy.arch, base, weights,
                                 grid.to_dict(),
                                 [{"mode": g.mode, "cells": cell_names(g.cells)} for g in groups],

@@ -15,14 +15,14 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from clipforget.gate.verdict import ForgetGroup, cumulative_mode, rejection
+from clipforget.gate.verdict import ForgetGroup, cumulative_mode, evidence_per_cell, rejection
 from clipforget.governance.request import ModelPolicy
 from clipforget.io.atomic import write_json
 from clipforget.io.registry import Registration
 from clipforget.method.grid import Grid, forget_cells, resolve_grid, retain_cells
 from clipforget.method.projection import NullspaceConfig, default_config
 from clipforget.method.synthesis import SynthesisConfig
-from clipforget.runner import heldout_config
+from clipforget.runner import HELDOUT_BLOCK, heldout_blocks, heldout_config, heldout_label
 from clipforget.steps import cell_names, checkpoint_metadata
 from flows.fanout import fill_bank_routed
 from tasks.build import build_nullspace, embed_fit_images, fold_into_checkpoint, generate_prompts
@@ -161,7 +161,8 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
 
     # 6. validate: before/after per cell on the data, else on fresh held-out prototypes
     t = time.perf_counter()
-    heldout, heldout_cfg = heldout_prototypes(policy, base, grid, text, synthesis) if data_path is None else (None, None)
+    heldout, heldout_cfg = (heldout_prototypes(policy, base, grid, forget_groups, text, synthesis) if data_path is None
+                            else (None, None))
     groups = [{"mode": g.mode, "cells": cell_names(g.cells)} for g in forget_groups]
     verdict = validate(build.version_id, policy.arch, base, unlearned, grid_dict, groups,
                        thresholds=policy.thresholds.model_dump(), data_path=data_path,
@@ -229,17 +230,35 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     return done()
 
 
-def heldout_prototypes(policy: ModelPolicy, base: dict, grid: Grid, text: str | None = None,
-                       synthesis: SynthesisConfig | None = None) -> tuple[dict, dict]:
-    """Fresh held-out prototypes of every cell, with images, for data-free validation: (synthesis result, config).
+def heldout_prototypes(policy: ModelPolicy, base: dict, grid: Grid, groups: Sequence[ForgetGroup],
+                       text: str | None = None, synthesis: SynthesisConfig | None = None) -> tuple[dict, dict]:
+    """Fresh held-out prototypes, with images, for data-free validation of `groups`: (synthesis result, config).
+    The policy's `heldout_per_cell` of every cell, or by default as many per cell as the gate's checks of `groups`
+    need, in blocks of 10 the bank shares across requests (clipforget.runner.heldout_blocks). `paths` lists block 0
+    (one file per cell, in grid order) first, then the cells of later blocks.
     `synthesis`: the build's settings (a rebuild's recorded ones), default the policy's."""
     cells = cell_names(grid.cells)
     if text is None:
         text = generate_prompts(policy.arch, base["path"], base["sha256"], cells)
     synthesis = synthesis or policy.synthesis.config(policy.arch)
-    cfg = asdict(heldout_config(synthesis, policy.synthesis.heldout_per_cell))
-    return fill_bank_routed(policy.arch, base["path"], base["sha256"], text, cells, cfg, with_images=True,
-                             checkpoint_uri=base["uri"]), cfg
+    per_cell = policy.synthesis.heldout_per_cell
+    need = evidence_per_cell(groups, grid.cells, policy.thresholds) if per_cell is None else None
+    if need is None and per_cell is not None and per_cell % HELDOUT_BLOCK:
+        blocks = [(heldout_config(synthesis, per_cell), list(grid.cells))]
+    else:
+        blocks = heldout_blocks(synthesis, need or dict.fromkeys(grid.cells, per_cell))
+    merged: dict = {"paths": [], "reused": 0, "synthesized": 0, "seconds": 0.0}
+    cfg: dict = {}
+    for config, block_cells in blocks:
+        cfg = asdict(config)
+        got = fill_bank_routed(policy.arch, base["path"], base["sha256"], text, cell_names(block_cells), cfg,
+                               with_images=True, checkpoint_uri=base["uri"])
+        merged["paths"] += got["paths"]
+        for k in ("reused", "synthesized", "seconds"):
+            merged[k] += got.get(k) or 0
+        merged.update({k: v for k, v in got.items() if k not in merged})
+    merged["per_cell"] = heldout_label(need if need is not None else int(per_cell or 0))
+    return merged, cfg
 
 
 def _example(data_path: str | None, heldout: dict | None) -> str:

@@ -79,7 +79,8 @@ def draw_pictures(request_id: str, arch: str, base: dict, text_file: str, grid: 
     out = Path(out_dir)
     pictures = {"cells": str(plots.cell_heatmap(table, grid["classes"], grid["domains"], out / "cells.png",
                                                 f"{request_id}: zero-shot accuracy per cell, base vs unlearned"))}
-    held = dict(zip(cells or [], heldout["paths"], strict=True)) if heldout and cells else None
+    # held-out paths: block 0 holds one file per cell, in grid order (flows.pipeline.heldout_prototypes)
+    held = dict(zip(cells or [], heldout["paths"][:len(cells or [])], strict=True)) if heldout and cells else None
     images, what = _strip_images(arch, base, text_file, forget, SynthesisConfig(**synthesis), held)
     if images:
         more = f" (first {STRIP_CELLS} of {len(forget)} forgotten cells)" if len(forget) > STRIP_CELLS else ""

@@ -53,6 +53,22 @@ def samples_for(limit: float, confidence: float = CONFIDENCE) -> int:
     return int(np.ceil(np.log(1 - confidence) / np.log(1 - limit))) if 0 < limit < 1 else 1
 
 
+def flips_for(limit: float) -> int:
+    """The fewest images per cell on which one lost image alone does not exceed a drop `limit` (n ≥ 1/limit)."""
+    return max(1, int(np.ceil(1 / limit - 1e-9))) if limit > 0 else 1_000_000
+
+
+def probe_samples_for(limit: float, nearest: int = 3, step: int = 10, confidence: float = CONFIDENCE) -> int:
+    """The fewest images per cell (a multiple of `step`) at which a probe exactly at chance passes `limit`: the probe
+    tests on half of the forgotten cell's and its `nearest` kept cells' images (clipforget.gate.probe)."""
+    for n in range(step, 10_000, step):
+        n_test = (1 + nearest) * n // 2
+        chance = nearest / (1 + nearest)
+        if upper_bound(int(round(chance * n_test)), n_test, confidence) - chance <= limit:
+            return n
+    raise ValueError(f"no evidence size resolves a probe limit of {limit}")
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
@@ -86,6 +102,10 @@ class Check:
 # the highest accuracy a single forget cell may keep, per mode
 FORGET_CELL_LIMIT = {"global": 0.15, "domain": 0.15, "domain_complete": 0.50}
 FORGET_MEAN_LIMIT = 0.25  # domain_complete: mean accuracy over the forgotten domain
+MEAN_DROP_LIMIT = 0.03  # global: mean over retain cells; domain: mean over the cells of other classes
+RETAIN_CELL_LIMIT = 0.10  # global: the retain cell that lost most
+SAME_CLASS_LIMIT = 0.05  # domain: the forgotten class in its kept domains, per cell
+KEPT_DOMAIN_LIMIT = 0.05  # domain_complete: mean drop of each kept domain
 
 
 def forget_cell_check(name: str, after: EvalReport, cells: Sequence[Cell], limit: float) -> Check:
@@ -159,24 +179,27 @@ def mode_checks(mode: str, before: EvalReport, after: EvalReport, forget: Sequen
         checks.append(forget_mean_check("mean forget accuracy", after, forget_m, FORGET_MEAN_LIMIT))
     checks.append(forget_cell_check("max forget-cell accuracy", after, forget_m, FORGET_CELL_LIMIT[mode]))
     if mode == "global" and retain_m:
-        checks += [mean_drop_check("mean retain drop", before, after, retain_m, 0.03),
-                   max_drop_check("max retain-cell drop", before, after, retain_m, 0.10)]
+        checks += [mean_drop_check("mean retain drop", before, after, retain_m, MEAN_DROP_LIMIT),
+                   max_drop_check("max retain-cell drop", before, after, retain_m, RETAIN_CELL_LIMIT)]
     if mode == "domain":
         classes = {c.cls for c in forget}
         same = [c for c in retain_m if c.cls in classes]
         other = [c for c in retain_m if c.cls not in classes]
         if same:
-            checks.append(max_drop_check("max drop, same class in kept domains", before, after, same, 0.05))
+            checks.append(max_drop_check("max drop, same class in kept domains", before, after, same,
+                                         SAME_CLASS_LIMIT))
         if other:
-            checks.append(mean_drop_check("mean drop, other cells", before, after, other, 0.03))
+            checks.append(mean_drop_check("mean drop, other cells", before, after, other, MEAN_DROP_LIMIT))
     if mode == "domain_complete":
         kept_domains = sorted({c.domain for c in retain_m})
         per_domain = {d: mean_drop_check(f"mean drop of kept domain {d}", before, after,
-                                         [c for c in retain_m if c.domain == d], 0.05) for d in kept_domains}
+                                         [c for c in retain_m if c.domain == d], KEPT_DOMAIN_LIMIT)
+                      for d in kept_domains}
         if per_domain:
             worst = max(per_domain.values(), key=lambda ch: ch.value)
-            checks.append(Check("max mean drop of a kept domain", worst.value, 0.05, n=worst.n, estimate=worst.estimate,
-                                rule=worst.rule, resolvable=all(c.resolvable for c in per_domain.values()),
+            checks.append(Check("max mean drop of a kept domain", worst.value, KEPT_DOMAIN_LIMIT, n=worst.n,
+                                estimate=worst.estimate, rule=worst.rule,
+                                resolvable=all(c.resolvable for c in per_domain.values()),
                                 cell=worst.name.rsplit(" ", 1)[-1]))
     return checks
 

@@ -13,7 +13,20 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from clipforget.gate.criteria import Check, forget_cell_check, max_drop_check, mode_checks, probe_check
+from clipforget.gate.criteria import (
+    FORGET_CELL_LIMIT,
+    FORGET_MEAN_LIMIT,
+    RETAIN_CELL_LIMIT,
+    SAME_CLASS_LIMIT,
+    Check,
+    flips_for,
+    forget_cell_check,
+    max_drop_check,
+    mode_checks,
+    probe_check,
+    probe_samples_for,
+    samples_for,
+)
 from clipforget.gate.probe import ProbeResult, max_excess
 from clipforget.method.evaluate import EvalReport
 from clipforget.method.grid import Cell
@@ -143,6 +156,39 @@ def gate_checks(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalRe
     if thresholds.max_probe_excess is not None:
         checks.append(probe_check("request: residual probe above chance", probe or [], thresholds.max_probe_excess))
     return checks
+
+
+def evidence_per_cell(groups: Sequence[ForgetGroup], cells: Sequence[Cell],
+                      thresholds: Thresholds | None = None) -> dict[Cell, int]:
+    """The fewest held-out images each cell of `cells` needs for every check of the gate to be resolvable by its
+    rule (docs/GATE.md, "How many held-out prototypes"): a forget cell by the 95% upper bound under its mode's
+    limit (19 for 0.15), a cell of a partly forgotten class in a kept domain by one flip under 0.05 (20), every other
+    cell by one flip under the 0.10 retain-cell limit (10); the request's own thresholds and the probe check raise
+    the cells they judge."""
+    thresholds = thresholds or Thresholds()
+    need = {c: flips_for(RETAIN_CELL_LIMIT) for c in cells}
+
+    def at_least(cs, n: int) -> None:
+        for c in cs:
+            if c in need:
+                need[c] = max(need[c], n)
+
+    forget = {c for g in groups for c in g.cells}
+    if thresholds.mode_criteria:
+        for g in groups:
+            at_least(g.cells, samples_for(FORGET_CELL_LIMIT[g.mode]))
+            if g.mode == "domain_complete":  # the pooled bound over the domain
+                at_least(g.cells, -(-samples_for(FORGET_MEAN_LIMIT) // max(len(g.cells), 1)))
+            if g.mode == "domain":
+                classes = {c.cls for c in g.cells}
+                at_least([c for c in cells if c.cls in classes and c not in forget], flips_for(SAME_CLASS_LIMIT))
+    if thresholds.max_forget_acc is not None:
+        at_least(forget, samples_for(thresholds.max_forget_acc))
+    if thresholds.max_retain_drop is not None:
+        at_least([c for c in cells if c not in forget], flips_for(thresholds.max_retain_drop))
+    if thresholds.max_probe_excess is not None:  # the probe's nearest kept cells are known only from the images
+        at_least(cells, probe_samples_for(thresholds.max_probe_excess))
+    return need
 
 
 def rejection(check: dict) -> str:

@@ -64,10 +64,11 @@ class SynthesisSettings(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 only where the "
                                                        "hardware does it natively (CUDA, AVX512-BF16/AMX CPUs)")
     # the gate decides a forget cell on the 95% upper bound of its accuracy: with n held-out images none of which
-    # is recognized the bound is 1 - 0.05^(1/n), under the 0.15 limit from n = 19 on (docs/GATE.md); 20 also
-    # resolves the finest retain limit (0.05 = one flip in 20)
-    heldout_per_cell: int = Field(default=20, ge=1, le=1024, description="held-out prototypes per cell for data-free "
-                                  "validation")
+    # is recognized the bound is 1 - 0.05^(1/n), under the 0.15 limit from n = 19 on; a kept cell's drop on paired
+    # flips, one flip in 10 for the 0.10 limit, in 20 for 0.05. Unset, each cell gets what the request's checks need
+    # (clipforget.gate.verdict.evidence_per_cell; docs/GATE.md)
+    heldout_per_cell: int | None = Field(default=None, ge=1, le=1024, description="held-out prototypes per cell for "
+                                         "data-free validation; default: as many per cell as the gate's checks need")
 
     def config(self, arch: str) -> SynthesisConfig:
         target = self.target_cosine if self.target_cosine is not None else default_target_cosine(arch)
@@ -142,7 +143,12 @@ class ModelPolicy(BaseModel):
             exclude["fit_uri"] = True
         if self.thresholds.digest_exclude():
             exclude["thresholds"] = self.thresholds.digest_exclude()
-        return hashlib.sha256(json.dumps(self.model_dump(exclude=exclude), sort_keys=True).encode()).hexdigest()
+        fields = self.model_dump(exclude=exclude)
+        if fields.get("synthesis", {}).get("heldout_per_cell", 0) is None:
+            # sized evidence (the default since it replaced a fixed 20 per cell) builds the same model and never asks
+            # a mode's checks for more than 20 per cell: it digests as that default did, so ids stay the same
+            fields["synthesis"]["heldout_per_cell"] = 20
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
     def policy_digest(self) -> str:
         """A digest of everything in the policy that decides a built model."""

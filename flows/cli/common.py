@@ -30,8 +30,9 @@ TEMPLATES = typer.Option(None, "--templates", help='Prompt templates JSON: {"dom
                          '...]}, "class_only": ["a {}."]} (default: the built-in domain-aware templates).')
 PRECISION = typer.Option("auto", "--precision", help="Synthesis precision: auto (bf16 only where the hardware does "
                          "it natively: CUDA with bf16, AVX512-BF16/AMX CPUs; else fp32), fp32 or bf16.")
-HELDOUT = typer.Option(20, "--heldout-per-cell", help="Held-out prototypes per cell for data-free evaluation "
-                       "(20: the fewest whose 95% upper bound can pass the 0.15 forget limit, docs/GATE.md).")
+HELDOUT = typer.Option(None, "--heldout-per-cell", help="Held-out prototypes per cell for data-free evaluation. "
+                       "Default: as many per cell as the gate's checks need (20 for a forgotten cell: the fewest whose "
+                       "95% upper bound can pass the 0.15 limit; 10 for most kept cells; docs/GATE.md).")
 PROBE = typer.Option(None, "--max-probe-excess", help="Also gate on the residual-knowledge probe: the largest held-out "
                      "accuracy above chance (95% upper bound) a linear probe may reach telling a forgotten cell from "
                      "its nearest kept cells in the released image embedding. Default: reported, not checked.")

@@ -139,7 +139,7 @@ def forget_cmd(
     target_cosine: float = TARGET,
     seed: int = SEED,
     precision: str = PRECISION,
-    heldout_per_cell: int = HELDOUT,
+    heldout_per_cell: int | None = HELDOUT,
     kind: str = typer.Option(None, "--projection", help="soft, hard or margin (default per mode)."),
     source: str = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode)."),
     max_probe_excess: float = PROBE,

@@ -129,6 +129,20 @@ def test_bad_requests_fail_clearly_and_write_nothing(tmp_path, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_data_free_forget_is_judged_on_as_many_heldout_prototypes_as_each_check_needs(tmp_path):
+    """No --data: the gate judges on held-out prototypes, 20 in each forgotten cell (the 0.15 bound needs 19) and 10
+    in each kept cell (one flip under the 0.10 limit), unless --heldout-per-cell says otherwise."""
+    ckpt, rep_path = tmp_path / "forgot.safetensors", tmp_path / "forget.json"
+    r = invoke("forget", "--model", "toy", "--mode", "global", "--classes", "star", "--prototypes-per-cell", 2,
+               "--steps", 1, "--precision", "fp32", "--out", ckpt, "--json", rep_path)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(rep_path.read_text())
+    assert {(c["role"], c["n"]) for c in rep["cells"]} == {("forget", 20), ("retain", 10)}
+    assert rep["evaluation"]["images"] == 4 * 20 + 36 * 10
+    assert "sized from the gate's limits" in rep["evaluation"]["data"]
+    assert all(c["n"] >= 19 for c in rep["checks"] if "forget" in c["name"])
+
+
 def test_data_free_eval(tmp_path):
     out = tmp_path / "e.json"
     r = invoke("eval", "--model", "toy", "--prototypes-per-cell", 1, "--steps", 20, "--json", out)

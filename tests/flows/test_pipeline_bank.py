@@ -40,3 +40,30 @@ def test_keys_change_with_checkpoint_cell_settings_and_seed():
               cell_key("a" * 64, c, SynthesisConfig(prototypes_per_cell=2, steps=6, check_every=3, seed=1)),
               cell_key("a" * 64, c, TINY, with_images=True)}
     assert base not in others and len(others) == 5
+
+
+def test_sized_heldout_evidence_comes_in_blocks_the_bank_shares_across_requests(tmp_path):
+    """Data-free evidence sized per request (clipforget.gate.verdict.evidence_per_cell): a cell gets whole blocks of
+    10 held-out prototypes; another request that needs more of a cell synthesizes only the blocks the bank lacks,
+    and a plain count that is a multiple of the block is the same images."""
+    from collections import Counter
+
+    from clipforget.method.grid import resolve_grid
+    from clipforget.runner import heldout_images
+
+    toy = load_model("toy", device="cpu")
+    grid = resolve_grid("toy")
+    star, heart, tree = Cell("star", "sketch"), Cell("heart", "photo"), Cell("tree", "cartoon")
+    bank = PrototypeBank(tmp_path)
+
+    def files() -> set:
+        return set(tmp_path.rglob("*.safetensors"))
+
+    first = heldout_images(toy, grid, TINY, {star: 19, heart: 10, tree: 20}, bank=bank)
+    assert Counter(first.cells) == {star: 20, heart: 10, tree: 20}
+    assert len(files()) == 5  # block 0 of three cells, block 1 of two
+    before = files()
+    second = heldout_images(toy, grid, TINY, {heart: 20}, bank=bank)
+    assert Counter(second.cells) == {heart: 20} and len(files() - before) == 1  # only heart's block 1 is new
+    # heart's first block is the same images in both requests
+    torch.testing.assert_close(second.pixels[:10], first.pixels[[i for i, c in enumerate(first.cells) if c == heart]])

@@ -14,7 +14,14 @@ from clipforget.gate.criteria import (
     upper_bound,
 )
 from clipforget.gate.probe import residual_probe
-from clipforget.gate.verdict import ForgetGroup, Thresholds, cumulative_mode, gate_checks, judge
+from clipforget.gate.verdict import (
+    ForgetGroup,
+    Thresholds,
+    cumulative_mode,
+    evidence_per_cell,
+    gate_checks,
+    judge,
+)
 from clipforget.method.evaluate import CellScore, EvalReport
 from clipforget.method.grid import Cell, resolve_grid
 
@@ -63,6 +70,58 @@ def test_retain_drop_counts_paired_flips_not_two_noisy_rates():
     worse = paired({c: (0,) * 4 + (1,) * 41 + (0,) * 5})
     check = max_drop_check("d", before, worse, [c], 0.05)
     assert check.estimate == pytest.approx(0.08) and not check.passed
+
+
+def outcomes_with(need: dict[Cell, int], forget: set[Cell]) -> tuple[EvalReport, EvalReport]:
+    """Before: every image right; after: every forget image wrong, every other image still right; `need[c]` images
+    in cell c."""
+    def rep(right) -> EvalReport:
+        full = {c: (int(right(c)),) * need[c] for c in GRID.cells}
+        cells = [CellScore(c.cls, c.domain, float(right(c)), need[c]) for c in GRID.cells]
+        return EvalReport(sum(s.accuracy for s in cells) / len(cells), cells, full)
+
+    return rep(lambda c: True), rep(lambda c: c not in forget)
+
+
+SIZED = [
+    ("global", [STAR], Thresholds()),
+    ("domain", [HOUSE_SKETCH], Thresholds()),
+    ("domain, two cells", [ForgetGroup("domain", (Cell("cross", "photo"), Cell("cross", "sketch")))], Thresholds()),
+    ("domain_complete", [ForgetGroup("domain_complete", tuple(Cell(c, "sketch") for c in GRID.classes))], Thresholds()),
+    ("cumulative", [STAR, HOUSE_SKETCH], Thresholds()),
+    ("request limits", [STAR], Thresholds(max_forget_acc=0.05, max_retain_drop=0.02)),
+]
+
+
+@pytest.mark.parametrize(("name", "groups", "thresholds"), SIZED, ids=[s[0] for s in SIZED])
+def test_sized_evidence_resolves_every_check_and_one_image_less_does_not(name, groups, thresholds):
+    """The data-free gate's held-out count per cell comes from the limits: with that many images a perfect unlearning
+    passes every check; one image fewer in a cell sized above the floor leaves a check unresolved."""
+    need = evidence_per_cell(groups, GRID.cells, thresholds)
+    forget = {c for g in groups for c in g.cells}
+    checks = gate_checks(groups, *outcomes_with(need, forget), thresholds)
+    assert checks and all(c.status == PASSED for c in checks), [c.to_dict() for c in checks if not c.passed]
+    # the floor: one flip in 10 under the 0.10 retain-cell limit; a request's own limits raise the cells they judge
+    assert min(need.values()) == (10 if thresholds == Thresholds() else 50)
+    raised = [c for c in GRID.cells if need[c] > 10]
+    if name == "global":  # every retain cell has a per-cell limit of 0.10: 10 is minimal there too
+        raised.append(Cell("heart", "photo"))
+    # domain_complete: 5 per forgotten cell resolve 0.50, 11 over the domain the pooled 0.25: the floor covers both
+    assert bool(raised) == (name != "domain_complete")
+    for cell in raised:
+        short = {**need, cell: need[cell] - 1}
+        checks = gate_checks(groups, *outcomes_with(short, forget), thresholds)
+        assert any(c.status == UNRESOLVED for c in checks), (cell, need[cell])
+    if name == "global":  # a forgotten class everywhere: 19 for the 0.15 bound, every other cell 10
+        assert sum(need.values()) == 4 * 19 + 36 * 10
+    if name == "domain":  # house/sketch 19, house in kept domains 20 (one flip under 0.05), the rest 10
+        assert {c: n for c, n in need.items() if n > 10} == {Cell("house", "sketch"): 19, **{
+            Cell("house", d): 20 for d in GRID.domains if d != "sketch"}}
+
+
+def test_the_probe_check_sizes_every_cell_for_a_probe_at_chance():
+    need = evidence_per_cell([STAR], GRID.cells, Thresholds(max_probe_excess=0.10))
+    assert set(need.values()) == {30}  # GATE.md: 20 per cell leaves a probe at chance at 0.108 > 0.10; 30 at 0.089
 
 
 def test_the_verdict_names_why_a_model_is_rejected():
