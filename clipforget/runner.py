@@ -48,6 +48,13 @@ def heldout_blocks(synthesis: SynthesisConfig, need: Mapping[Cell, int]) -> list
             for b in range(blocks)]
 
 
+def heldout_drawn(per_cell: int | Mapping[Cell, int], cells: int = 0) -> int:
+    """How many held-out prototypes `per_cell` draws: whole blocks per cell when sized, else per_cell × cells."""
+    if isinstance(per_cell, int):
+        return per_cell * cells
+    return sum(-(-n // HELDOUT_BLOCK) * HELDOUT_BLOCK for n in per_cell.values())
+
+
 def heldout_label(per_cell: int | Mapping[Cell, int]) -> str:
     """What the held-out evidence was, for reports: "held-out prototypes (20/cell)" or "(10-20/cell, sized ...)"."""
     if isinstance(per_cell, int):
