@@ -173,6 +173,7 @@ def main() -> None:
             ap.error("--end-to-end merges into an existing --json file of an earlier full run")
         out = json.loads(Path(args.json).read_text())
         out.update(end_to_end())
+        out["grids"] = grid_costs(out, SynthesisSettings())  # the held-out sizing may have changed since
         write_json(args.json, out)
         if args.markdown:
             write_markdown(Path(args.markdown), out)

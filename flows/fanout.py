@@ -16,7 +16,7 @@ from clipforget.method.projection import text_targets
 from clipforget.method.synthesis import Prototypes, SynthesisConfig
 from clipforget.steps import cell_names, load_text, parse_cells
 from flows import runners
-from tasks.build import precision_report, synthesize_chunk
+from tasks.build import precision_report, synthesize_chunk, synthesize_into_bank
 from tasks.common import work_root
 
 
@@ -62,7 +62,9 @@ def fill_bank(arch: str, checkpoint: str, sha256: str, text_file: str, cells: li
     A plain function, not a task: called inside a flow, it submits one `synthesize_chunk` task per
     `cells_per_task` missing cells (default `CLIPFORGET_CELLS_PER_TASK`, 8) to the flow's task runner. On a
     `RayTaskRunner` all chunks run at once, each asking Ray for `gpus_per_task` GPUs (default
-    `CLIPFORGET_GPUS_PER_TASK`, else 1 when the cluster has GPUs); in-process they run one after another.
+    `CLIPFORGET_GPUS_PER_TASK`, else 1 when the cluster has GPUs). In-process, chunks would run one after another
+    and each ends on a thinning batch, so unless `cells_per_task` or the variable is given the missing cells are
+    one `synthesize_into_bank` task: one batch whose slots refill as images finish, each cell banked when done.
     The chunks return their prototypes as data and this process puts them into its own bank, so workers
     need no shared disk (only the checkpoint: same path, or a URI they can fetch). Synthesis is seeded per
     (seed, cell, index) and the chunks depend on `cells_per_task` only, so any runner gives the same bits.
@@ -81,19 +83,21 @@ def fill_bank(arch: str, checkpoint: str, sha256: str, text_file: str, cells: li
     wanted = parse_cells(cells)
     missing = _missing(bank, sha256, cells, config, with_images)
     if missing:
-        per_task = cells_per_task or runners.cells_per_task()
-        chunks = [missing[i : i + per_task] for i in range(0, len(missing), per_task)]
         text = load_text(text_file)
         ctx = FlowRunContext.get()
         runner = ctx.task_runner if ctx is not None else None
         on_ray = runners.is_ray(runner)
+        one_batch = not on_ray and cells_per_task is None and not runners.cells_per_task_set()
+        per_task = len(missing) if one_batch else (cells_per_task or runners.cells_per_task())
+        chunks = [missing[i : i + per_task] for i in range(0, len(missing), per_task)]
         gpus = 0.0
         if on_ray:
             gpus = gpus_per_task if gpus_per_task is not None else runners.gpus_per_task(runners.ray_cluster_gpus())
         logger.info("prototype bank: %d of %d cells reused, %d to synthesize in %d tasks of up to %d cells%s "
                     "(%d prototypes/cell, %d steps, seed %d; precision %s: %s)", len(set(wanted)) - len(missing),
                     len(set(wanted)), len(missing), len(chunks), per_task,
-                    f" on Ray, {gpus:g} GPU/task" if on_ray else " in-process", config.prototypes_per_cell,
+                    f" on Ray, {gpus:g} GPU/task" if on_ray else
+                    (" in-process, one batch" if one_batch else " in-process"), config.prototypes_per_cell,
                     config.steps, config.seed, *precision_report(config).values())
 
         def args(chunk: list) -> dict:
@@ -110,7 +114,12 @@ def fill_bank(arch: str, checkpoint: str, sha256: str, text_file: str, cells: li
                         len(out["cells"]), out["seconds"], out["device"], out["host"], out["pid"])
 
         errors: list[BaseException] = []
-        if ctx is None:
+        if one_batch:  # banks each cell itself, as it finishes
+            call = synthesize_into_bank if ctx is None else (lambda **a: synthesize_into_bank.submit(**a).result())
+            done = call(**args(missing))
+            logger.info("%d cells synthesized in %.1f s on %s, %s pid %d", len(done["cells"]), done["seconds"],
+                        done["device"], done["host"], done["pid"])
+        elif ctx is None:
             for i, chunk in enumerate(chunks):
                 store(i, synthesize_chunk(**args(chunk)))
         elif on_ray:

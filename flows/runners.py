@@ -9,8 +9,10 @@ Environment:
 - `CLIPFORGET_GPUS_PER_TASK`: GPUs each synthesis task asks Ray for (fractions allowed, e.g. `0.5`).
   Unset: 1 when the Ray cluster has any GPU, else 0 — decided from the cluster's resources, not from the
   machine the flow runs on, which is often a CPU-only driver. Ignored by the in-process runner.
-- `CLIPFORGET_CELLS_PER_TASK`: cells per synthesis task (default 8). The chunks depend on this number
-  only, never on the runner, so every runner synthesizes exactly the same batches and gets the same bits.
+- `CLIPFORGET_CELLS_PER_TASK`: cells per synthesis task on Ray (default 8). The chunks depend on this number
+  only, never on the runner, so every runner given it synthesizes exactly the same batches and gets the same bits.
+  Unset, the in-process runner synthesizes the missing cells as one task and one batch (its slots refill as images
+  finish, each cell banked as soon as it is done): chunks run one after another there, so they only cost time.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def is_ray(runner: Any) -> bool:
     if runner is None or type(runner).__module__.split(".")[0] != "prefect_ray":
         return False
     return isinstance(runner, _ray_runner_class())
+
+
+def cells_per_task_set() -> bool:
+    """Whether `CLIPFORGET_CELLS_PER_TASK` is set (then every runner chunks by it)."""
+    return bool(os.environ.get(CELLS_ENV))
 
 
 def cells_per_task() -> int:

@@ -83,6 +83,27 @@ def _local_checkpoint(checkpoint: str, sha256: str, checkpoint_uri: str | None =
                             "needs the checkpoint at the same path (a shared volume) or an s3:// / file:// URI")
 
 
+@task(name="synthesize_into_bank", tags=["gpu"], cache_policy=NONE, persist_result=False)
+def synthesize_into_bank(arch: str, checkpoint: str, sha256: str, cells: list[str], targets: torch.Tensor,
+                         synthesis: dict, with_images: bool = False, checkpoint_uri: str | None = None) -> dict:
+    """In-process synthesis of `cells` as one batch whose slots refill as images finish, each cell put into this
+    process's prototype bank as soon as its prototypes are done (an interrupted run keeps the finished cells).
+    Returns {cells, seconds, host, pid, device}."""
+    from clipforget.io.bank import PrototypeBank, synthesize_with_bank
+
+    logger = get_run_logger()
+    config = SynthesisConfig(**synthesis)
+    model = loaded_model(arch, _local_checkpoint(checkpoint, sha256, checkpoint_uri), sha256).model
+    device = str(next(model.parameters()).device)
+    logger.info("synthesizing %d cells x %d prototypes on %s as one batch (%s, pid %d)", len(cells),
+                config.prototypes_per_cell, device, socket.gethostname(), os.getpid())
+    wanted = parse_cells(cells)
+    _, report = synthesize_with_bank(model, dict(zip(wanted, targets, strict=True)), wanted, config, sha256,
+                                     PrototypeBank(work_root() / "prototypes"), with_images, _progress_logger())
+    return {"cells": list(cells), "seconds": report.seconds, "host": socket.gethostname(), "pid": os.getpid(),
+            "device": device}
+
+
 @task(name="synthesize_chunk", tags=["gpu"], cache_policy=NONE, persist_result=False)
 def synthesize_chunk(arch: str, checkpoint: str, sha256: str, cells: list[str], targets: torch.Tensor,
                      synthesis: dict, with_images: bool = False, checkpoint_uri: str | None = None) -> dict:
