@@ -27,17 +27,16 @@ from clipforget.method.synthesis import Prototypes, SynthesisConfig, synthesize
 from clipforget.steps import checkpoint_metadata, compare_models
 
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out prototypes never share a seed with the forget set's
-# held-out prototypes sized from the gate's limits come in blocks of 10 per cell, block b with its own seed: a cell
-# that one request needs 20 of and another 10 shares the first block in the bank
+# held-out prototypes sized from the gate's limits come in blocks of 10 per cell, block b the images 10b..10b+9 of
+# the cell's held-out sequence: a cell that one request needs 20 of and another 10 shares the first block in the bank
 HELDOUT_BLOCK = 10
-HELDOUT_BLOCK_SEED_STRIDE = 10_007
 
 
 def heldout_config(synthesis: SynthesisConfig, per_cell: int, block: int = 0) -> SynthesisConfig:
     """Synthesis settings of the held-out prototypes used for data-free validation: `per_cell` of each cell, or block
     `block` of the sized held-out set (`heldout_blocks`)."""
-    return replace(synthesis, seed=synthesis.seed + HELDOUT_SEED_OFFSET + block * HELDOUT_BLOCK_SEED_STRIDE,
-                   prototypes_per_cell=per_cell)
+    return replace(synthesis, seed=synthesis.seed + HELDOUT_SEED_OFFSET, prototypes_per_cell=per_cell,
+                   first_index=block * per_cell)
 
 
 def heldout_blocks(synthesis: SynthesisConfig, need: Mapping[Cell, int]) -> list[tuple[SynthesisConfig, list[Cell]]]:

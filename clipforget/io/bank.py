@@ -32,7 +32,10 @@ def settings_key(config: SynthesisConfig) -> dict:
     prototypes of either precision stay valid and are never mixed up."""
     from clipforget.io.checkpoints import pick_device
 
-    return {k: v for k, v in asdict(config.resolved(pick_device())).items() if k not in _NOT_IN_KEY}
+    key = {k: v for k, v in asdict(config.resolved(pick_device())).items() if k not in _NOT_IN_KEY}
+    if not key["first_index"]:  # added later: a cell's first images key as before it existed
+        del key["first_index"]
+    return key
 
 
 def cell_key(checkpoint_sha256: str, cell: Cell, config: SynthesisConfig, with_images: bool = False) -> str:

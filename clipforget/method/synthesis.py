@@ -171,10 +171,15 @@ class SynthesisConfig:
     high_scale: float = 0.1  # step size of the full-resolution residual relative to the low-resolution start
     augment_decay: float = 0.0  # 1: augmentation fades out with the learning rate; 0: constant
     beta1: float = 0.5  # Adam's momentum: images stop early, so a short memory converges faster
+    # the index of a cell's first prototype (each image is seeded by seed, cell and index): prototypes_per_cell=10,
+    # first_index=10 are the images 10-19 of prototypes_per_cell=20 (held-out prototypes come in such blocks)
+    first_index: int = 0
 
     def __post_init__(self) -> None:
         if self.prototypes_per_cell < 1 or self.steps < 1:
             raise ValueError("prototypes_per_cell and steps must be at least 1")
+        if self.first_index < 0:
+            raise ValueError("first_index must be at least 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
 
@@ -294,7 +299,7 @@ def synthesize(
     config = config.resolved(device, model)
     t0 = time.perf_counter()
     k = config.prototypes_per_cell
-    rows = [(cell, j, i) for j, cell in enumerate(cells) for i in range(k)]
+    rows = [(cell, j, config.first_index + i) for j, cell in enumerate(cells) for i in range(k)]
     n = len(rows)
     size = image_size(model)
     normalize = image_normalizer(model)

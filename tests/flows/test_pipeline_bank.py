@@ -67,3 +67,15 @@ def test_sized_heldout_evidence_comes_in_blocks_the_bank_shares_across_requests(
     assert Counter(second.cells) == {heart: 20} and len(files() - before) == 1  # only heart's block 1 is new
     # heart's first block is the same images in both requests
     torch.testing.assert_close(second.pixels[:10], first.pixels[[i for i, c in enumerate(first.cells) if c == heart]])
+    # and the two blocks are the first 20 images of the cell's held-out sequence (to the rounding of batched kernels)
+    from clipforget.method.evaluate import LabelledImages
+    from clipforget.method.projection import cell_text_embeddings, text_targets
+    from clipforget.method.prompts import TemplateSet
+    from clipforget.method.synthesis import synthesize
+    from clipforget.runner import heldout_config
+
+    text = cell_text_embeddings(toy.model, toy.tokenizer, TemplateSet(), [heart])
+    whole = synthesize(toy.model, text_targets(text, [heart]), [heart], heldout_config(TINY, 20), return_images=True)
+    assert whole.images is not None
+    torch.testing.assert_close(second.pixels, LabelledImages.from_arrays(whole.images, whole.cells,
+                                                                         toy.preprocess).pixels, atol=0.05, rtol=0)
