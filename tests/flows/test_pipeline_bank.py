@@ -77,5 +77,6 @@ def test_sized_heldout_evidence_comes_in_blocks_the_bank_shares_across_requests(
     text = cell_text_embeddings(toy.model, toy.tokenizer, TemplateSet(), [heart])
     whole = synthesize(toy.model, text_targets(text, [heart]), [heart], heldout_config(TINY, 20), return_images=True)
     assert whole.images is not None
-    torch.testing.assert_close(second.pixels, LabelledImages.from_arrays(whole.images, whole.cells,
-                                                                         toy.preprocess).pixels, atol=0.05, rtol=0)
+    diff = (second.pixels - LabelledImages.from_arrays(whole.images, whole.cells, toy.preprocess).pixels).abs()
+    # the same images: at most a level or two of 8-bit rounding on a few pixels (other seeds differ everywhere)
+    assert diff.mean() < 1e-3 and (diff < 0.02).float().mean() > 0.995, (float(diff.mean()), float(diff.max()))
