@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clipforget.gate.verdict import Thresholds
-from clipforget.governance.request import UnlearnRequest
+from clipforget.governance.request import SynthesisSettings, UnlearnRequest
 from clipforget.io import storage
 from clipforget.io.registry import parse_model_ref
 from tasks.build import build_nullspace, generate_prompts, synthesize_chunk
@@ -57,6 +57,12 @@ def test_request_defaults_and_identity():
     assert a.request_id == "req-5e9281ee8d822c3e"
     probed = UnlearnRequest(mode="global", classes=["star"], thresholds=Thresholds(max_probe_excess=0.1))
     assert probed.request_id != a.request_id and probed.policy().policy_digest() != a.policy().policy_digest()
+    # held-out prototypes sized per request (the unset default) build the same model as the former fixed 20 per cell:
+    # the same id; another fixed count is another request
+    assert a.synthesis.heldout_per_cell is None
+    fixed = {n: UnlearnRequest(mode="global", classes=["star"], synthesis=SynthesisSettings(heldout_per_cell=n))
+             for n in (20, 30)}
+    assert fixed[20].request_id == a.request_id != fixed[30].request_id
     assert a.registered_name == "clipforget-toy" and a.synthesis.config("toy").target_cosine == 0.77
     with pytest.raises(ValueError, match="request_id"):
         UnlearnRequest(mode="global", classes=["star"], request_id="no spaces")
