@@ -186,6 +186,9 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
         "settings": {"synthesis": asdict(synthesis), "nullspace": nullspace.to_dict()},
         "projection": projection["summary"],
         "prototypes": {k: protos.get(k) for k in ("reused", "synthesized", "seconds", "precision", "hardware")},
+        # the gate's held-out prototypes (data-free): how many per cell, and how many bank files were reused
+        "heldout": ({k: heldout.get(k) for k in ("per_cell", "reused", "synthesized", "seconds")} if heldout
+                    else None),
         "fit": ({"on": "prototypes"} if fit is None else
                 {"on": "images", "uri": policy.fit_uri, "images": fit["images"], "digest": fit["digest"]}),
         **{k: verdict[k] for k in ("evaluation", "metrics", "checks", "cells", "probe", "before", "after")},
@@ -257,7 +260,7 @@ def heldout_prototypes(policy: ModelPolicy, base: dict, grid: Grid, groups: Sequ
         for k in ("reused", "synthesized", "seconds"):
             merged[k] += got.get(k) or 0
         merged.update({k: v for k, v in got.items() if k not in merged})
-    merged["per_cell"] = heldout_label(need if need is not None else int(per_cell or 0))
+    merged["per_cell"] = heldout_label(need if need is not None else int(per_cell or 0))  # the report's `heldout`
     return merged, cfg
 
 

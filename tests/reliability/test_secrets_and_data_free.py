@@ -187,6 +187,8 @@ def test_data_free_unlearn_registers_exactly_when_the_gate_passes(demo_run, chec
     evaluation = report["evaluation"]["data"] if isinstance(report["evaluation"], dict) else report["evaluation"]
     assert evaluation.startswith("held-out prototypes") and len(report["cells"]) == 40
     assert {c["n"] for c in report["cells"]} == {2}
+    held = report["heldout"]  # the gate's evidence, and what the bank gave of it
+    assert held["per_cell"] == "held-out prototypes (2/cell)" and held["reused"] + held["synthesized"] == 40
     failed = [c for c in report["checks"] if not c["passed"]]
     versions = registry.versions("rel-demo")
     if failed:
