@@ -40,7 +40,7 @@ from clipforget.method.grid import forget_cells, resolve_grid, retain_cells
 from clipforget.method.projection import cell_text_embeddings, default_config, fit_projection, text_targets
 from clipforget.method.prompts import TemplateSet
 from clipforget.method.synthesis import SynthesisConfig, hardware_summary
-from clipforget.runner import HELDOUT_BLOCK, heldout_config
+from clipforget.runner import HELDOUT_BLOCK, heldout_blocks
 from clipforget.toyworld.render import render_cells
 
 REPORT_SEED = 7  # the render the published tables come from; settings were chosen on seeds 1 and 5
@@ -99,7 +99,7 @@ def main() -> None:
     settings = SynthesisSettings(precision=args.precision)
     synth = settings.config("toy")
     held_n = args.heldout_per_cell or settings.heldout_per_cell  # None: sized per request from the gate's limits
-    held_block: list[int] = []  # the block of each held-out row (sized evidence)
+    held_block: list[int] = []  # the block of each held-out row
     bank = PrototypeBank(cache_root() / "prototypes")
     text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates, grid.cells)
     targets = dict(zip(grid.cells, text_targets(text, grid.cells), strict=True))
@@ -126,15 +126,11 @@ def main() -> None:
     if args.eval_images:  # the gate's evidence: rendered images, as a policy's data_uri would give
         held_n = args.eval_images
         held_set = LabelledImages.from_arrays(*render_cells(grid.cells, held_n, args.eval_seed), loaded.preprocess)
-    elif held_n is not None and held_n % HELDOUT_BLOCK:
-        held, _ = banked(heldout_config(synth, held_n), True)
-        assert held.images is not None
-        held_set = LabelledImages.from_arrays(held.images, held.cells, loaded.preprocess)
-    else:  # in blocks of 10 per cell, as the pipeline draws them; sized per request unless --heldout-per-cell
-        blocks = -(-(held_n or 2 * HELDOUT_BLOCK) // HELDOUT_BLOCK)  # sized: a mode's checks need at most 20
+    else:  # as the pipeline draws them; sized per request (from the 20 per cell a mode's checks need at most)
         pixels, held_cells = [], []
-        for b in range(blocks):
-            held, _ = banked(heldout_config(synth, HELDOUT_BLOCK, b), True)
+        per_cell = held_n if held_n is not None else dict.fromkeys(grid.cells, 2 * HELDOUT_BLOCK)
+        for b, (cfg, _) in enumerate(heldout_blocks(synth, per_cell, grid.cells)):
+            held, _ = banked(cfg, True)
             assert held.images is not None
             got = LabelledImages.from_arrays(held.images, held.cells, loaded.preprocess)
             pixels.append(got.pixels)
@@ -146,7 +142,7 @@ def main() -> None:
 
     def evidence(groups: list[ForgetGroup]) -> tuple[torch.Tensor, list]:
         """The held-out rows a request is judged on: every row, or with sized evidence the blocks each cell needs."""
-        if not held_block or held_n is not None:
+        if held_n is not None:
             return torch.arange(len(held_set.cells)), held_set.cells
         need = evidence_per_cell(groups, grid.cells)
         rows = [i for i, (c, b) in enumerate(zip(held_set.cells, held_block, strict=True)) if need[c] > b * HELDOUT_BLOCK]

@@ -39,11 +39,22 @@ def heldout_config(synthesis: SynthesisConfig, per_cell: int, block: int = 0) ->
                    first_index=block * per_cell)
 
 
-def heldout_blocks(synthesis: SynthesisConfig, need: Mapping[Cell, int]) -> list[tuple[SynthesisConfig, list[Cell]]]:
-    """The held-out prototypes that give each cell at least `need[cell]` (`evidence_per_cell`): per block, its settings
-    and the cells that need it. Block 0 holds every cell; a cell needing 20 also gets block 1."""
-    blocks = max((-(-n // HELDOUT_BLOCK) for n in need.values()), default=0)
-    return [(heldout_config(synthesis, HELDOUT_BLOCK, b), [c for c, n in need.items() if n > b * HELDOUT_BLOCK])
+def _blocks(n: int) -> int:
+    """Blocks of `HELDOUT_BLOCK` that hold at least n prototypes."""
+    return -(-n // HELDOUT_BLOCK)
+
+
+def heldout_blocks(synthesis: SynthesisConfig, per_cell: int | Mapping[Cell, int],
+                   cells: Sequence[Cell] = ()) -> list[tuple[SynthesisConfig, list[Cell]]]:
+    """The held-out prototypes to synthesize, as (settings, the cells that need them): at least `per_cell[cell]` of
+    each cell (`evidence_per_cell`), or `per_cell` of each of `cells`. Block 0 holds every cell; a cell needing 20
+    also gets block 1. A single count that is not a multiple of the block is one set of its own."""
+    if isinstance(per_cell, int):
+        if per_cell % HELDOUT_BLOCK:
+            return [(heldout_config(synthesis, per_cell), list(cells))]
+        per_cell = dict.fromkeys(cells, per_cell)  # whole blocks: the sized sets' own images
+    blocks = max((_blocks(n) for n in per_cell.values()), default=0)
+    return [(heldout_config(synthesis, HELDOUT_BLOCK, b), [c for c, n in per_cell.items() if n > b * HELDOUT_BLOCK])
             for b in range(blocks)]
 
 
@@ -51,14 +62,14 @@ def heldout_drawn(per_cell: int | Mapping[Cell, int], cells: int = 0) -> int:
     """How many held-out prototypes `per_cell` draws: whole blocks per cell when sized, else per_cell × cells."""
     if isinstance(per_cell, int):
         return per_cell * cells
-    return sum(-(-n // HELDOUT_BLOCK) * HELDOUT_BLOCK for n in per_cell.values())
+    return sum(_blocks(n) * HELDOUT_BLOCK for n in per_cell.values())
 
 
 def heldout_label(per_cell: int | Mapping[Cell, int]) -> str:
     """What the held-out evidence was, for reports: "held-out prototypes (20/cell)" or "(10-20/cell, sized ...)"."""
     if isinstance(per_cell, int):
         return f"held-out prototypes ({per_cell}/cell)"
-    got = [-(-n // HELDOUT_BLOCK) * HELDOUT_BLOCK for n in per_cell.values()]
+    got = [_blocks(n) * HELDOUT_BLOCK for n in per_cell.values()]
     return f"held-out prototypes ({min(got)}-{max(got)}/cell, sized from the gate's limits)"
 
 
@@ -150,12 +161,8 @@ def heldout_images(loaded: LoadedModel, grid: Grid, synthesis: SynthesisConfig, 
     `per_cell[cell]` of each cell (`evidence_per_cell`), in blocks the bank shares across requests (a count that is
     a multiple of the block comes from the same blocks)."""
     text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates or TemplateSet(), grid.cells)
-    if isinstance(per_cell, int) and per_cell % HELDOUT_BLOCK == 0:  # whole blocks: the sized sets' own images
-        per_cell = dict.fromkeys(grid.cells, per_cell)
-    blocks = ([(heldout_config(synthesis, per_cell), list(grid.cells))] if isinstance(per_cell, int)
-              else heldout_blocks(synthesis, per_cell))
     pixels, cells = [], []
-    for config, block_cells in blocks:
+    for config, block_cells in heldout_blocks(synthesis, per_cell, grid.cells):
         protos = prototypes_for(loaded, grid, text, config, bank, True, progress, cells=block_cells)
         assert protos.images is not None
         got = LabelledImages.from_arrays(protos.images, protos.cells, loaded.preprocess)

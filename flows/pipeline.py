@@ -22,7 +22,7 @@ from clipforget.io.registry import Registration
 from clipforget.method.grid import Grid, forget_cells, resolve_grid, retain_cells
 from clipforget.method.projection import NullspaceConfig, default_config
 from clipforget.method.synthesis import SynthesisConfig
-from clipforget.runner import HELDOUT_BLOCK, heldout_blocks, heldout_config, heldout_label
+from clipforget.runner import heldout_blocks, heldout_label
 from clipforget.steps import cell_names, checkpoint_metadata
 from flows.fanout import fill_bank_routed
 from tasks.build import build_nullspace, embed_fit_images, fold_into_checkpoint, generate_prompts
@@ -244,15 +244,10 @@ def heldout_prototypes(policy: ModelPolicy, base: dict, grid: Grid, groups: Sequ
     if text is None:
         text = generate_prompts(policy.arch, base["path"], base["sha256"], cells)
     synthesis = synthesis or policy.synthesis.config(policy.arch)
-    per_cell = policy.synthesis.heldout_per_cell
-    need = evidence_per_cell(groups, grid.cells, policy.thresholds) if per_cell is None else None
-    if need is None and per_cell is not None and per_cell % HELDOUT_BLOCK:
-        blocks = [(heldout_config(synthesis, per_cell), list(grid.cells))]
-    else:
-        blocks = heldout_blocks(synthesis, need or dict.fromkeys(grid.cells, per_cell))
+    per_cell: int | dict = policy.synthesis.heldout_per_cell or evidence_per_cell(groups, grid.cells, policy.thresholds)
     merged: dict = {"paths": [], "reused": 0, "synthesized": 0, "seconds": 0.0}
     cfg: dict = {}
-    for config, block_cells in blocks:
+    for config, block_cells in heldout_blocks(synthesis, per_cell, grid.cells):
         cfg = asdict(config)
         got = fill_bank_routed(policy.arch, base["path"], base["sha256"], text, cell_names(block_cells), cfg,
                                with_images=True, checkpoint_uri=base["uri"])
@@ -260,7 +255,7 @@ def heldout_prototypes(policy: ModelPolicy, base: dict, grid: Grid, groups: Sequ
         for k in ("reused", "synthesized", "seconds"):
             merged[k] += got.get(k) or 0
         merged.update({k: v for k, v in got.items() if k not in merged})
-    merged["per_cell"] = heldout_label(need if need is not None else int(per_cell or 0))  # the report's `heldout`
+    merged["per_cell"] = heldout_label(per_cell)  # the report's `heldout`
     return merged, cfg
 
 
