@@ -71,6 +71,10 @@ def main() -> None:
     ap.add_argument("--render-seed", type=int, default=REPORT_SEED)
     ap.add_argument("--per-cell", type=int, default=50, help="rendered images per cell (the truth)")
     ap.add_argument("--heldout-per-cell", type=int, default=None, help="default: the policy's")
+    ap.add_argument("--synthesis", default="", metavar="FIELD=VALUE,...",
+                    help="the projection's prototypes from other synthesis settings, e.g. augment_decay=1.0")
+    ap.add_argument("--heldout-synthesis", default="", metavar="FIELD=VALUE,...",
+                    help="the held-out prototypes from other synthesis settings, e.g. steps=60")
     ap.add_argument("--kinds", default=None, help="comma-separated projection kinds to compare (default: the mode's)")
     ap.add_argument("--requests", type=int, default=0, help="only the first N requests (0: all)")
     ap.add_argument("--no-lineage", action="store_true")
@@ -97,8 +101,12 @@ def main() -> None:
     templates = TemplateSet()
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
     settings = SynthesisSettings(precision=args.precision)
-    synth = settings.config("toy")
     held_n = args.heldout_per_cell or settings.heldout_per_cell  # None: sized per request from the gate's limits
+
+    def overridden(fields: str) -> SynthesisConfig:  # "FIELD=VALUE,..." on top of the policy's synthesis settings
+        base = settings.config("toy")
+        return replace(base, **{k: type(getattr(base, k))(v) for k, v in (f.split("=", 1) for f in fields.split(",") if f)})
+    synth, held_synth = overridden(args.synthesis), overridden(args.heldout_synthesis)
     held_block: list[int] = []  # the block of each held-out row
     bank = PrototypeBank(cache_root() / "prototypes")
     text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates, grid.cells)
@@ -129,7 +137,7 @@ def main() -> None:
     else:  # as the pipeline draws them; sized per request (from the 20 per cell a mode's checks need at most)
         pixels, held_cells = [], []
         per_cell = held_n if held_n is not None else dict.fromkeys(grid.cells, 2 * HELDOUT_BLOCK)
-        for b, (cfg, _) in enumerate(heldout_blocks(synth, per_cell, grid.cells)):
+        for b, (cfg, _) in enumerate(heldout_blocks(held_synth, per_cell, grid.cells)):
             held, _ = banked(cfg, True)
             assert held.images is not None
             got = LabelledImages.from_arrays(held.images, held.cells, loaded.preprocess)
@@ -228,6 +236,7 @@ def main() -> None:
         print(f"[{label}] {s}", flush=True)
     out = {"render_seed": args.render_seed, "per_cell": args.per_cell,
            "heldout_per_cell": held_n if held_n is not None else "sized",
+           "synthesis": args.synthesis or "the policy's", "heldout_synthesis": args.heldout_synthesis or "the policy's",
            "command": "python bench/requests.py " + " ".join(sys.argv[1:]),
            "fit": {"on": fit_on, **({"images_per_cell": args.fit_images, "seed": args.fit_seed} if args.fit_images else {})},
            "gate_evidence": ({"on": "rendered images", "per_cell": args.eval_images, "seed": args.eval_seed}
