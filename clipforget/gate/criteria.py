@@ -103,7 +103,7 @@ class Check:
 FORGET_CELL_LIMIT = {"global": 0.15, "domain": 0.15, "domain_complete": 0.50}
 FORGET_MEAN_LIMIT = 0.25  # domain_complete: mean accuracy over the forgotten domain
 MEAN_DROP_LIMIT = 0.03  # global: mean over retain cells; domain: mean over the cells of other classes
-RETAIN_CELL_LIMIT = 0.10  # global: the retain cell that lost most
+RETAIN_CELL_LIMIT = 0.10  # global: the retain cell that lost most; domain: the cell of another class that lost most
 SAME_CLASS_LIMIT = 0.05  # domain: the forgotten class in its kept domains, per cell
 KEPT_DOMAIN_LIMIT = 0.05  # domain_complete: mean drop of each kept domain
 
@@ -189,7 +189,10 @@ def mode_checks(mode: str, before: EvalReport, after: EvalReport, forget: Sequen
             checks.append(max_drop_check("max drop, same class in kept domains", before, after, same,
                                          SAME_CLASS_LIMIT))
         if other:
-            checks.append(mean_drop_check("mean drop, other cells", before, after, other, MEAN_DROP_LIMIT))
+            # the published target bounds the other classes only on average (0.03 over ~34 toy cells), which one
+            # collapsed cell passes; every cell is also held to the retain-cell limit of `global` (docs/GATE.md)
+            checks += [mean_drop_check("mean drop, other cells", before, after, other, MEAN_DROP_LIMIT),
+                       max_drop_check("max drop, other cells", before, after, other, RETAIN_CELL_LIMIT)]
     if mode == "domain_complete":
         kept_domains = sorted({c.domain for c in retain_m})
         per_domain = {d: mean_drop_check(f"mean drop of kept domain {d}", before, after,
