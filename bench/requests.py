@@ -314,7 +314,7 @@ def _evidence(out: dict) -> str:
 def markdown(out: dict) -> str:
     lines = ["# Request benchmark: is the gate's verdict right?", "",
              f"Regenerate with `{out.get('command', 'python bench/requests.py')}` (with "
-             "the prototype bank filled, about 4 minutes on 2 CPU cores). Settings were chosen on validation renders "
+             "the prototype bank filled, 1-4 minutes on 2 CPU cores). Settings were chosen on validation renders "
              "(seeds 1 and 5: `--render-seed 1`); this table is a render no choice was made on. What was tried against "
              "false approvals, with its numbers on the validation renders: docs/GATE.md.", "",
              f"Render seed {out['render_seed']} ({out['per_cell']} images per cell), "

@@ -200,6 +200,8 @@ def rejection(check: dict) -> str:
     if "upper bound" in str(check.get("rule", "")):
         where = f", {check['cell']}" if check.get("cell") else ""
         why += f" (95% upper bound; measured {check['estimate']:.4f} on n={check['n']}{where})"
+    elif check.get("cell") and str(check.get("rule", "")).startswith("paired flips ("):
+        why += f" ({check['cell']}: {check['rule'].removeprefix('paired flips (').rstrip(')')} of n={check['n']})"
     return why
 
 

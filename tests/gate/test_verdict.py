@@ -137,6 +137,29 @@ def test_the_verdict_names_why_a_model_is_rejected():
     assert "n=50" in bad.rejected()
 
 
+def test_a_domain_request_that_collapses_one_cell_of_another_class_is_rejected():
+    # forgetting circle and tree in cartoon, the request benchmark's held-out evidence (render 7, request draw 3) saw
+    # cross/cartoon lose 9 of its 10 prototypes and nothing else move: a mean of 0.028 over the 32 cells of other
+    # classes, under the mode's 0.03, so the mean-only target approved a model that no longer knows cross in cartoon
+    group = ForgetGroup("domain", (Cell("circle", "cartoon"), Cell("tree", "cartoon")))
+    cross = Cell("cross", "cartoon")
+    evidence = {c: 20 for c in group.cells} | {Cell(k, d): 20 for k in ("circle", "tree") for d in GRID.domains}
+    before = paired({c: (1,) * evidence.get(c, 10) for c in GRID.cells})
+    after = paired({c: (0,) * n for c, n in evidence.items() if c in group.cells}
+                   | {c: (1,) * n for c, n in evidence.items() if c not in group.cells}
+                   | {c: (1,) * 10 for c in GRID.cells if c not in evidence} | {cross: (0,) * 9 + (1,)})
+    verdict = judge([group], before, after)
+    mean = next(c for c in verdict.checks if c.name == "mean drop, other cells")
+    assert mean.passed and mean.value == pytest.approx(0.9 / 32)
+    assert not verdict.passed and verdict.rejected().startswith("max drop, other cells")
+    assert "(cross/cartoon: 9 lost, 0 gained of n=10)" in verdict.rejected()
+    # one flip in a cell of 10 is the 0.10 limit itself: a model that loses one image there passes
+    after_one = paired({c: (1,) * n for c, n in evidence.items() if c not in group.cells}
+                       | {c: (0,) * n for c, n in evidence.items() if c in group.cells}
+                       | {c: (1,) * 10 for c in GRID.cells if c not in evidence} | {cross: (0,) + (1,) * 9})
+    assert judge([group], before, after_one).passed
+
+
 def test_the_probe_finds_a_separable_cell_and_not_a_merged_one():
     import torch
 
