@@ -83,6 +83,17 @@ def _local_checkpoint(checkpoint: str, sha256: str, checkpoint_uri: str | None =
                             "needs the checkpoint at the same path (a shared volume) or an s3:// / file:// URI")
 
 
+def _synthesis_worker(arch: str, checkpoint: str, sha256: str, checkpoint_uri: str | None, synthesis: dict,
+                      cells: list[str], how: str = "") -> tuple[SynthesisConfig, torch.nn.Module, dict]:
+    """A synthesis task's settings, model and where it runs ({host, pid, device}), logged as the task starts."""
+    config = SynthesisConfig(**synthesis)
+    model = loaded_model(arch, _local_checkpoint(checkpoint, sha256, checkpoint_uri), sha256).model
+    where = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(next(model.parameters()).device)}
+    get_run_logger().info("synthesizing %d cells x %d prototypes on %s%s (%s, pid %d)", len(cells),
+                          config.prototypes_per_cell, where["device"], how, where["host"], where["pid"])
+    return config, model, where
+
+
 @task(name="synthesize_into_bank", tags=["gpu"], cache_policy=NONE, persist_result=False)
 def synthesize_into_bank(arch: str, checkpoint: str, sha256: str, cells: list[str], targets: torch.Tensor,
                          synthesis: dict, with_images: bool = False, checkpoint_uri: str | None = None) -> dict:
@@ -91,17 +102,11 @@ def synthesize_into_bank(arch: str, checkpoint: str, sha256: str, cells: list[st
     Returns {cells, seconds, host, pid, device}."""
     from clipforget.io.bank import PrototypeBank, synthesize_with_bank
 
-    logger = get_run_logger()
-    config = SynthesisConfig(**synthesis)
-    model = loaded_model(arch, _local_checkpoint(checkpoint, sha256, checkpoint_uri), sha256).model
-    device = str(next(model.parameters()).device)
-    logger.info("synthesizing %d cells x %d prototypes on %s as one batch (%s, pid %d)", len(cells),
-                config.prototypes_per_cell, device, socket.gethostname(), os.getpid())
+    config, model, where = _synthesis_worker(arch, checkpoint, sha256, checkpoint_uri, synthesis, cells, " as one batch")
     wanted = parse_cells(cells)
     _, report = synthesize_with_bank(model, dict(zip(wanted, targets, strict=True)), wanted, config, sha256,
                                      PrototypeBank(work_root() / "prototypes"), with_images, _progress_logger())
-    return {"cells": list(cells), "seconds": report.seconds, "host": socket.gethostname(), "pid": os.getpid(),
-            "device": device}
+    return {"cells": list(cells), "seconds": report.seconds, **where}
 
 
 @task(name="synthesize_chunk", tags=["gpu"], cache_policy=NONE, persist_result=False)
@@ -113,17 +118,11 @@ def synthesize_chunk(arch: str, checkpoint: str, sha256: str, cells: list[str], 
     `targets` [len(cells), d] are the cells' text targets. Returns {cells, embeddings, cosines, steps_used,
     images (uint8, or None), seconds, host, pid, device}.
     """
-    logger = get_run_logger()
-    config = SynthesisConfig(**synthesis)
-    model = loaded_model(arch, _local_checkpoint(checkpoint, sha256, checkpoint_uri), sha256).model
-    device = str(next(model.parameters()).device)
-    logger.info("synthesizing %d cells x %d prototypes on %s (%s, pid %d)", len(cells), config.prototypes_per_cell,
-                device, socket.gethostname(), os.getpid())
+    config, model, where = _synthesis_worker(arch, checkpoint, sha256, checkpoint_uri, synthesis, cells)
     protos = synthesize(model, targets, parse_cells(cells), config, _progress_logger(),
                                return_images=with_images)
     return {"cells": list(cells), "embeddings": protos.embeddings, "cosines": protos.cosines,
-            "steps_used": protos.steps_used, "images": protos.images, "seconds": protos.seconds,
-            "host": socket.gethostname(), "pid": os.getpid(), "device": device}
+            "steps_used": protos.steps_used, "images": protos.images, "seconds": protos.seconds, **where}
 
 
 @task(name="embed_fit_images")
