@@ -80,3 +80,18 @@ def test_sized_heldout_evidence_comes_in_blocks_the_bank_shares_across_requests(
     diff = (second.pixels - LabelledImages.from_arrays(whole.images, whole.cells, toy.preprocess).pixels).abs()
     # the same images: at most a level or two of 8-bit rounding on a few pixels (other seeds differ everywhere)
     assert diff.mean() < 1e-3 and (diff < 0.02).float().mean() > 0.995, (float(diff.mean()), float(diff.max()))
+
+
+def test_heldout_prototypes_come_from_another_generator_than_the_projections():
+    """The gate's evidence is never the projection's own images: another seed family and augmentation that fades
+    with the step size (docs/GATE.md), while steps, precision and target follow the request's settings."""
+    from clipforget.runner import HELDOUT_AUGMENT_DECAY, heldout_blocks
+
+    policy = SynthesisConfig(steps=90, precision="fp32", target_cosine=0.7)
+    cells = [Cell("star", "sketch")]
+    (block0, _), (block1, _) = heldout_blocks(policy, {cells[0]: 20}, cells)
+    for b, cfg in enumerate((block0, block1)):
+        assert (cfg.steps, cfg.precision, cfg.target_cosine) == (90, "fp32", 0.7)
+        assert cfg.augment_decay == HELDOUT_AUGMENT_DECAY != policy.augment_decay
+        assert cfg.seed != policy.seed and cfg.first_index == 10 * b
+        assert cell_key("a" * 64, cells[0], cfg) != cell_key("a" * 64, cells[0], policy)
