@@ -23,7 +23,6 @@ from clipforget.io.checkpoints import check_arch
 from clipforget.method.data import list_labelled_images, require_every_cell
 from flows.pipeline import Build, Inputs, fetch_inputs, groups_of, run_pipeline
 from flows.runners import task_runner
-from tasks.fetch import fetch_eval_data
 from tasks.record import append_request, entry_of, ledger_location, read_ledger
 from tasks.register import find_registered, promote_model
 
@@ -76,12 +75,12 @@ def deletion_request(request: DeletionRequest, policy: ModelPolicy | None = None
     # on that grid, and something left to retain
     check_arch(policy.arch)
     inputs = fetch_inputs(policy)
-    grid = inputs[2]
-    if inputs[1] is not None:
-        list_labelled_images(inputs[1], grid)  # cells outside the grid fail now, not after synthesis
-    if policy.fit_uri:  # and fit images that cannot fit a projection fail before the request enters the ledger
-        fit_path = fetch_eval_data(policy.fit_uri, grid.to_dict())
-        require_every_cell((c for _, c in list_labelled_images(fit_path, grid)), grid, f"the fit images {policy.fit_uri}")
+    grid = inputs.grid
+    if inputs.data_path is not None:
+        list_labelled_images(inputs.data_path, grid)  # cells outside the grid fail now, not after synthesis
+    if inputs.fit_path is not None:  # and fit images that cannot fit a projection fail before the request enters the ledger
+        require_every_cell((c for _, c in list_labelled_images(inputs.fit_path, grid)), grid,
+                           f"the fit images {policy.fit_uri}")
     entries = [entry_of(d) for d in read_ledger(location)]
     cells = request.cells(grid)
     known = {c for g in groups_of([e.request for e in entries], grid) for c in g.cells}

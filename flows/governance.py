@@ -92,7 +92,7 @@ def governance(policy: ModelPolicy | None = None, ledger: str | None = None, pro
             findings.append(Finding("weights", f"champion version {champ['version']}'s weights hash to "
                                     f"{weights['sha256'][:16]}…, not the registered {champ['sha256'][:16]}…"))
         if inputs is not None:
-            base, data_path, grid = inputs
+            base, data_path, grid = inputs.base, inputs.data_path, inputs.grid
             groups = groups_of([e.request for e in entries], grid)
             missing = [(e, g) for e, g in zip(entries, groups, strict=True)
                        if e.request_id not in (champ.get("request_ids") or [])]

@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import get_run_logger
 
@@ -78,16 +78,24 @@ def typed_settings(cls: type, recorded: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-Inputs = tuple[dict, str | None, Grid]  # base checkpoint {path, sha256, uri}, evaluation data folder, grid
+class Inputs(NamedTuple):
+    """What a build reads, fetched and checked once per flow run."""
+
+    base: dict  # the base checkpoint {path, sha256, uri}
+    data_path: str | None  # the evaluation images (`data_uri`)
+    grid: Grid
+    fit_path: str | None = None  # the fit images (`fit_uri`)
 
 
 def fetch_inputs(policy: ModelPolicy) -> Inputs:
-    """Step 0: the base checkpoint and evaluation data in the cache, and the grid."""
+    """Step 0: the base checkpoint, evaluation and fit images in the cache, and the grid."""
     base = fetch_checkpoint(policy.checkpoint_uri, policy.checkpoint_sha256)
     # a grid known before the data (named, or the toy model's) checks the data's folders now, not after synthesis
     known = policy_grid(policy, None) if policy.grid is not None or policy.arch == "toy" else None
     data_path = fetch_eval_data(policy.data_uri, None if known is None else known.to_dict()) if policy.data_uri else None
-    return base, data_path, known or policy_grid(policy, data_path)
+    grid = known or policy_grid(policy, data_path)
+    fit_path = fetch_eval_data(policy.fit_uri, grid.to_dict()) if policy.fit_uri else None
+    return Inputs(base, data_path, grid, fit_path)
 
 
 def run_pipeline(build: Build, promote: bool = False, report_path: str | None = None, register: bool = True,
@@ -108,7 +116,7 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
         timings[f"{name}_s"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
-    base, data_path, grid = inputs or fetch_inputs(policy)
+    base, data_path, grid, fit_path = inputs or fetch_inputs(policy)
     step("fetch", t)
 
     # 1. cells: the forget cells of every request; every other cell of the grid is retained
@@ -135,8 +143,7 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     # 3. visual prototypes, data-free (the prototype bank keeps them per cell across requests)
     t = time.perf_counter()
     fit = None
-    if policy.fit_uri:  # or the policy's labelled images of every cell, with the mode's image settings
-        fit_path = fetch_eval_data(policy.fit_uri, grid_dict)
+    if fit_path:  # or the policy's labelled images of every cell, with the mode's image settings
         fit = embed_fit_images(policy.arch, base["path"], base["sha256"], text, fit_path, grid_dict, asdict(synthesis))
         protos = {"paths": fit["paths"], "precision": synthesis.precision}
     else:
