@@ -18,6 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from clipforget.io.bank import load_prototypes
+from clipforget.io.cache import touch
 from clipforget.method.projection import NullspaceConfig
 from clipforget.method.prompts import TemplateSet
 from clipforget.method.synthesis import SynthesisConfig, format_progress, synthesize
@@ -43,6 +44,8 @@ def generate_prompts(arch: str, checkpoint: str, sha256: str, cells: list[str]) 
     path = _text_file({"sha256": sha256, "cells": cells})
     if not path.is_file():
         write_text_embeddings(loaded_model(arch, checkpoint, sha256), parse_cells(cells), TemplateSet(), path)
+    else:
+        touch(path)
     get_run_logger().info("text embeddings of %d cells at %s", len(cells), path)
     return str(path)
 
@@ -161,6 +164,9 @@ def embed_fit_images(arch: str, checkpoint: str, sha256: str, text_file: str, da
                        "steps_used": protos.steps_used[idx].contiguous()}, str(tmp),
                       metadata={"cell": str(cell), "source": "images", "images_digest": key})
             os.replace(tmp, path)  # a reader never sees a half-written file
+    else:
+        for path in paths:
+            touch(path)
     get_run_logger().info("fit set: %d labelled images of %d cells from %s (digest %s)", len(items), len(g.cells),
                           data_path, key[:12])
     return {"paths": [str(p) for p in paths], "images": len(items), "digest": key}
@@ -180,6 +186,7 @@ def build_nullspace(text_file: str, prototype_files: list[str], forget: list[str
               "nullspace": nullspace}
     path = _projection_file(params)
     if path.is_file():
+        touch(path)
         summary = load_projection(path)[1]["summary"]
     else:
         protos = load_prototypes(prototype_files, SynthesisConfig(**synthesis)) if prototype_files else None

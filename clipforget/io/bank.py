@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from clipforget.io.atomic import atomic_path
+from clipforget.io.cache import touch
 from clipforget.method.grid import Cell
 from clipforget.method.synthesis import Prototypes, SynthesisConfig, synthesize
 
@@ -141,4 +142,7 @@ def synthesize_with_bank(
                    return_images=with_images, on_cells_done=lambda p: bank.put(checkpoint_sha256, p, with_images))
     paths = [bank.path(checkpoint_sha256, c, config, with_images) for c in cells]
     hits = [str(c) for c in cells if c not in set(missing)]
+    for c, p in zip(cells, paths, strict=True):
+        if c not in missing:
+            touch(p)  # used now: `clipforget cache prune` keeps it
     return paths, BankReport(hits, [str(c) for c in missing], time.perf_counter() - t0)

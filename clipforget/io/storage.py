@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
+from clipforget.io.cache import touch
+
 T = TypeVar("T")
 CHUNK = 1 << 20
 TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
@@ -180,6 +182,7 @@ def fetch(uri: str | Path, sha256: str | None = None, cache: Path | None = None,
     loc = Location.parse(uri)
     suffix = "".join(Path(loc.key).suffixes[-1:])
     if expected is not None and (hit := _blob_path(root, expected, suffix)).is_file():
+        touch(hit)
         return Fetched(hit, expected, str(uri), cached=True)
     if loc.scheme == "file":
         src = Path(loc.key)
@@ -208,6 +211,7 @@ def _fetch_s3(loc: Location, uri: str, expected: str | None, root: Path, suffix:
         raise ChecksumMismatch(f"{uri}: its sha256 metadata {declared} differs from the expected {expected}")
     want = expected or declared
     if want is not None and (hit := _blob_path(root, want, suffix)).is_file():
+        touch(hit)
         return Fetched(hit, want, uri, cached=True)
 
     def download() -> tuple[Path, str]:
@@ -273,6 +277,7 @@ def fetch_tree(uri: str | Path, cache: Path | None = None, attempts: int = 4, ba
     digest = hashlib.sha256(f"s3://{loc.bucket}\n{listing}".encode()).hexdigest()
     dest = (cache or cache_root()) / "trees" / digest
     if (dest / ".complete").is_file():
+        touch(dest / ".complete")
         return dest
     staging = dest.with_name(f".{digest}.{os.getpid()}.partial")
     shutil.rmtree(staging, ignore_errors=True)
