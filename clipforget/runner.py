@@ -164,9 +164,9 @@ def image_prototypes(loaded: LoadedModel, grid: Grid, images: LabelledImages, te
 def heldout_images(loaded: LoadedModel, grid: Grid, synthesis: SynthesisConfig, per_cell: int | Mapping[Cell, int],
                    templates: TemplateSet | None = None, progress: Callable[[dict], None] | None = None,
                    bank: PrototypeBank | None = None) -> LabelledImages:
-    """Fresh prototypes (another seed) as images, for data-free validation: `per_cell` of every cell, or at least
-    `per_cell[cell]` of each cell (`evidence_per_cell`), in blocks the bank shares across requests (a count that is
-    a multiple of the block comes from the same blocks)."""
+    """Fresh prototypes of the held-out generator (`heldout_config`) as images, for data-free validation: `per_cell`
+    of every cell, or at least `per_cell[cell]` of each cell (`evidence_per_cell`), in blocks the bank shares across
+    requests (a count that is a multiple of the block comes from the same blocks)."""
     text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates or TemplateSet(), grid.cells)
     pixels, cells = [], []
     for config, block_cells in heldout_blocks(synthesis, per_cell, grid.cells):
