@@ -109,7 +109,8 @@ def main() -> None:
 
     def overridden(base: SynthesisConfig, fields: str) -> SynthesisConfig:  # "FIELD=VALUE,..." on top of `base`
         return replace(base, **{k: type(getattr(base, k))(v) for k, v in (f.split("=", 1) for f in fields.split(",") if f)})
-    synth = overridden(settings.config("toy"), args.synthesis)
+    policy_synth = settings.config("toy")
+    synth = overridden(policy_synth, args.synthesis)
     held_block: list[int] = []  # the block of each held-out row
     bank = PrototypeBank(cache_root() / "prototypes")
     text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates, grid.cells)
@@ -140,7 +141,7 @@ def main() -> None:
     else:  # as the pipeline draws them; sized per request (from the 20 per cell a mode's checks need at most)
         pixels, held_cells = [], []
         per_cell = held_n if held_n is not None else dict.fromkeys(grid.cells, 2 * HELDOUT_BLOCK)
-        for b, (held_cfg, _) in enumerate(heldout_blocks(settings.config("toy"), per_cell, grid.cells)):
+        for b, (held_cfg, _) in enumerate(heldout_blocks(policy_synth, per_cell, grid.cells)):
             cfg = overridden(held_cfg, args.heldout_synthesis)  # the pipeline's held-out settings, then the overrides
             held, _ = banked(cfg, True)
             assert held.images is not None

@@ -141,8 +141,9 @@ def synthesize_with_bank(
         synthesize(model, torch.stack([targets[c] for c in missing]), missing, config, progress,
                    return_images=with_images, on_cells_done=lambda p: bank.put(checkpoint_sha256, p, with_images))
     paths = [bank.path(checkpoint_sha256, c, config, with_images) for c in cells]
-    hits = [str(c) for c in cells if c not in set(missing)]
+    made, hits = set(missing), []
     for c, p in zip(cells, paths, strict=True):
-        if c not in missing:
+        if c not in made:
             touch(p)  # used now: `clipforget cache prune` keeps it
+            hits.append(str(c))
     return paths, BankReport(hits, [str(c) for c in missing], time.perf_counter() - t0)

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +41,8 @@ class Entry:
 
 def touch(path: str | Path) -> None:
     """Mark a cache entry as used now (a hit); a read-only cache is left as it is."""
-    try:
+    with suppress(OSError):
         os.utime(path, None)
-    except OSError:
-        pass
 
 
 def _files(path: Path) -> Iterator[Path]:
@@ -64,11 +63,9 @@ def _entry(section: str, path: Path) -> Entry:
             continue
         size += st.st_size
         newest = max(newest, st.st_mtime)
-    if newest == 0.0:
-        try:
+    if not newest:  # an empty folder: its own time
+        with suppress(OSError):
             newest = path.lstat().st_mtime
-        except OSError:
-            newest = 0.0
     return Entry(section, path, size, newest)
 
 
