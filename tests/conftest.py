@@ -62,11 +62,15 @@ def text_bank(toy, toy_grid):
 def prototype_bank(toy, toy_grid, text_bank, tmp_path_factory):
     """The default synthesis settings of `clipforget forget`, for every cell of the toy grid.
 
-    Under pytest-xdist the workers share one prototype bank in this run's temporary folder: the first worker to
-    get there synthesizes (one thread, so the bits do not depend on which worker it is), the other loads its files.
+    Under pytest-xdist the workers share one prototype bank in this run's temporary folder, filled in two halves of
+    the grid, each under its own lock: a worker fills its own half first, then the other (which it finds banked,
+    or waits for, or fills itself when the other worker is not there yet), so two workers that need the bank at
+    the start synthesize in parallel instead of one waiting for the other. One thread each and prototypes seeded
+    per (seed, cell, index): the bits do not depend on which worker made them.
     """
     targets = text_targets(text_bank, toy_grid.cells)
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
         return synthesize(toy.model, targets, toy_grid.cells, SynthesisConfig())
     import fcntl
 
@@ -75,11 +79,15 @@ def prototype_bank(toy, toy_grid, text_bank, tmp_path_factory):
     shared = tmp_path_factory.getbasetemp().parent / "shared-prototype-bank"  # this run's, common to its workers
     shared.mkdir(exist_ok=True)
     config = SynthesisConfig().resolved(toy.device)
-    with open(shared / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        paths, _ = synthesize_with_bank(toy.model, dict(zip(toy_grid.cells, targets, strict=True)), toy_grid.cells,
-                                        config, toy.sha256 or "", PrototypeBank(shared))
-    return load_prototypes(paths, config)
+    by_cell = dict(zip(toy_grid.cells, targets, strict=True))
+    halves = [toy_grid.cells[0::2], toy_grid.cells[1::2]]
+    first = int(worker.removeprefix("gw") or 0) % 2
+    for half in (first, 1 - first):
+        with open(shared / f".lock-{half}", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            synthesize_with_bank(toy.model, by_cell, halves[half], config, toy.sha256 or "", PrototypeBank(shared))
+    bank = PrototypeBank(shared)
+    return load_prototypes([bank.path(toy.sha256 or "", c, config) for c in toy_grid.cells], config)
 
 
 # --- real servers, once per process (tests/flows and tests/reliability both use these) ---
