@@ -80,6 +80,9 @@ class Check:
     rule: str = "point estimate"
     resolvable: bool = True  # False: no outcome of n images could pass; the gate says "not enough evidence"
     cell: str = ""  # the deciding cell, when one decides
+    lost: int | None = None  # paired retain checks: images of the deciding cell right before and wrong after
+    gained: int | None = None  # ... and wrong before, right after
+    needs: str = ""  # the evidence that would resolve the limit, said when it is not there
 
     @property
     def passed(self) -> bool:
@@ -117,7 +120,9 @@ def forget_cell_check(name: str, after: EvalReport, cells: Sequence[Cell], limit
     smallest = min(b[2] for b in bounds.values())
     return Check(name, ub, limit, n=n, estimate=max(b[1] for b in bounds.values()),
                  interval=(lower_bound(after.hits(worst), n), ub), rule="95% upper bound (Clopper-Pearson)",
-                 resolvable=upper_bound(0, smallest) <= limit, cell=str(worst))
+                 resolvable=upper_bound(0, smallest) <= limit, cell=str(worst),
+                 needs=f"{samples_for(limit)} images per forgotten cell, the fewest with which a 95% upper bound can "
+                       f"fall under {limit:g}; the smallest cell has {smallest}")
 
 
 def forget_mean_check(name: str, after: EvalReport, cells: Sequence[Cell], limit: float) -> Check:
@@ -128,7 +133,9 @@ def forget_mean_check(name: str, after: EvalReport, cells: Sequence[Cell], limit
     ub = upper_bound(hits, n)
     return Check(name, ub, limit, n=n, estimate=hits / n if n else float("nan"),
                  interval=(lower_bound(hits, n), ub), rule="95% upper bound (Clopper-Pearson), pooled",
-                 resolvable=upper_bound(0, n) <= limit)
+                 resolvable=upper_bound(0, n) <= limit,
+                 needs=f"{samples_for(limit)} images over the forgotten cells, the fewest with which a 95% upper bound "
+                       f"can fall under {limit:g}; there are {n}")
 
 
 def _flips(before: EvalReport, after: EvalReport, cell: Cell) -> tuple[int, int, int]:
@@ -150,7 +157,9 @@ def max_drop_check(name: str, before: EvalReport, after: EvalReport, cells: Sequ
     n_min = min(f[2] for f in flips.values())
     lost, gained, n = flips[worst]
     return Check(name, drops[worst], limit, n=n, estimate=drops[worst], rule=f"paired flips ({lost} lost, {gained} "
-                 "gained)", resolvable=1 / n_min <= limit + 1e-12, cell=str(worst))
+                 "gained)", resolvable=1 / n_min <= limit + 1e-12, cell=str(worst), lost=lost, gained=gained,
+                 needs=f"{flips_for(limit)} images per cell, so that one lost image alone is not over {limit:g}; the "
+                       f"smallest cell has {n_min}")
 
 
 def mean_drop_check(name: str, before: EvalReport, after: EvalReport, cells: Sequence[Cell], limit: float) -> Check:
@@ -159,7 +168,9 @@ def mean_drop_check(name: str, before: EvalReport, after: EvalReport, cells: Seq
     drop = float(np.mean([(lost - gained) / n for lost, gained, n in flips]))
     n = sum(f[2] for f in flips)
     return Check(name, drop, limit, n=n, estimate=drop, rule="paired flips, mean over cells",
-                 resolvable=1 / n <= limit + 1e-12)
+                 resolvable=1 / n <= limit + 1e-12,
+                 needs=f"{flips_for(limit)} images over the cells, so that one lost image alone is not over {limit:g}; "
+                       f"there are {n}")
 
 
 def mode_checks(mode: str, before: EvalReport, after: EvalReport, forget: Sequence[Cell]) -> list[Check]:
@@ -203,7 +214,8 @@ def mode_checks(mode: str, before: EvalReport, after: EvalReport, forget: Sequen
             checks.append(Check("max mean drop of a kept domain", worst.value, KEPT_DOMAIN_LIMIT, n=worst.n,
                                 estimate=worst.estimate, rule=worst.rule,
                                 resolvable=all(c.resolvable for c in per_domain.values()),
-                                cell=worst.name.rsplit(" ", 1)[-1]))
+                                cell=worst.name.rsplit(" ", 1)[-1],
+                                needs="; ".join(f"{d}: {c.needs}" for d, c in per_domain.items() if not c.resolvable)))
     return checks
 
 
@@ -213,7 +225,7 @@ def probe_check(name: str, results: Sequence, limit: float) -> Check:
     resolves the limit only if its own bound does (n of about 100 for 0.10 at a chance of 0.75)."""
     if not results:
         return Check(name, 1.0, limit, rule="linear probe: no forgotten cell had images on both sides",
-                     resolvable=False)
+                     resolvable=False, needs="images of a forgotten cell and of its nearest kept cells")
 
     def bound(accuracy: float, n: int) -> float:
         return upper_bound(int(round(accuracy * n)), n)
@@ -226,4 +238,5 @@ def probe_check(name: str, results: Sequence, limit: float) -> Check:
                  rule=f"linear probe vs {', '.join(worst.against)}: 95% upper bound of held-out accuracy minus chance "
                       f"({worst.chance:.2f})",
                  resolvable=all(bound(r.chance, r.n_test) - r.chance <= limit + 1e-12 for r in results),
-                 cell=worst.cell)
+                 cell=worst.cell, needs=f"held-out images enough for a probe at chance to have a 95% upper bound within "
+                                        f"{limit:g} of chance; the smallest test set has {min(r.n_test for r in results)}")

@@ -194,14 +194,13 @@ def evidence_per_cell(groups: Sequence[ForgetGroup], cells: Sequence[Cell],
 def rejection(check: dict) -> str:
     """Why a check did not pass, in one phrase: a measured miss, or evidence too thin to decide."""
     if check.get("status") == "not enough evidence":
-        return (f"{check['name']}: not enough evidence (n={check.get('n')}: the upper bound {check['value']:.4f} "
-                f"cannot fall under {check['limit']:.4f})")
+        return f"{check['name']}: not enough evidence (n={check.get('n')}; it needs {check.get('needs') or 'more images'})"
     why = f"{check['name']} {check['value']:.4f} > {check['limit']:.4f}"
     if "upper bound" in str(check.get("rule", "")):
         where = f", {check['cell']}" if check.get("cell") else ""
         why += f" (95% upper bound; measured {check['estimate']:.4f} on n={check['n']}{where})"
-    elif check.get("cell") and str(check.get("rule", "")).startswith("paired flips ("):
-        why += f" ({check['cell']}: {check['rule'].removeprefix('paired flips (').rstrip(')')} of n={check['n']})"
+    elif check.get("cell") and check.get("lost") is not None:
+        why += f" ({check['cell']}: {check['lost']} lost, {check['gained']} gained of n={check['n']})"
     return why
 
 

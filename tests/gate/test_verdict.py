@@ -137,6 +137,23 @@ def test_the_verdict_names_why_a_model_is_rejected():
     assert "n=50" in bad.rejected()
 
 
+def test_a_rejection_says_what_evidence_would_resolve_a_check_and_which_flips_decided_it():
+    # 2 images per cell: no retain check can resolve its 0.10 limit, even with nothing lost; the reason names
+    # the evidence it needs (10 images per cell), not an upper bound the check does not use
+    thin = judge([STAR], paired({}, n=2), paired({c: (0, 0) for c in STAR.cells}, n=2))
+    assert not thin.passed
+    why = thin.rejected()
+    assert "max retain-cell drop: not enough evidence (n=2; it needs 10 images per cell" in why, why
+    assert "max forget-cell accuracy: not enough evidence (n=2; it needs 19 images per forgotten cell" in why, why
+    assert "upper bound 0.0000" not in why
+    # a measured drop names its cell and the paired flips behind it
+    after = {c: (0,) * 50 for c in STAR.cells} | {Cell("heart", "photo"): (0,) * 10 + (1,) * 40}
+    lost = judge([STAR], paired({}), paired(after))
+    assert "max retain-cell drop 0.2000 > 0.1000 (heart/photo: 10 lost, 0 gained of n=50)" in lost.rejected()
+    check = next(c for c in lost.to_dict()["checks"] if c["name"] == "max retain-cell drop")
+    assert (check["lost"], check["gained"], check["cell"]) == (10, 0, "heart/photo")
+
+
 def test_a_domain_request_that_collapses_one_cell_of_another_class_is_rejected():
     # forgetting circle and tree in cartoon, the request benchmark's held-out evidence (render 7, request draw 3) saw
     # cross/cartoon lose 9 of its 10 prototypes and nothing else move: a mean of 0.028 over the 32 cells of other
