@@ -41,24 +41,36 @@ class Service:
     def stop(self) -> None:
         """Stop the process group, and any descendant that left it: a process worker starts each flow run in a
         session of its own, which must not outlive the test (e.g. after a timeout)."""
-        strays = _descendants(self.proc.pid)
-        if self.proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        for pid in strays:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self._log.close()
+        stop_all([self])
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop_all(services: list[Service], grace: float = 10.0) -> None:
+    """SIGTERM to every service's process group at once, then SIGKILL to whatever is left after `grace` seconds
+    (in total, not per service: a worker that ignores SIGTERM held a module's teardown for 20 s each)."""
+    strays = [pid for s in services for pid in _descendants(s.proc.pid)]
+    running = [s for s in services if s.proc.poll() is None]
+    for s in running:
+        s._signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for s in running:
+        try:
+            s.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            s._signal(signal.SIGKILL)
+            s.proc.wait(timeout=10)
+    for pid in strays:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for s in services:
+        s._log.close()
 
 
 def _descendants(pid: int) -> list[int]:
@@ -123,9 +135,7 @@ class PrefectStack:
         return "\n".join([*(w.tail(chars) for w in self.workers), self.server.tail(chars // 3)])
 
     def stop(self) -> None:
-        for w in self.workers:
-            w.stop()
-        self.server.stop()
+        stop_all([*self.workers, self.server])
 
 
 def _wait_healthy(url: str, service: Service, timeout: float = 120) -> None:
