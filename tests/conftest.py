@@ -82,11 +82,11 @@ def prototype_bank(toy, toy_grid, text_bank, tmp_path_factory):
     by_cell = dict(zip(toy_grid.cells, targets, strict=True))
     halves = [toy_grid.cells[0::2], toy_grid.cells[1::2]]
     first = int(worker.removeprefix("gw") or 0) % 2
+    bank = PrototypeBank(shared)
     for half in (first, 1 - first):
         with open(shared / f".lock-{half}", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            synthesize_with_bank(toy.model, by_cell, halves[half], config, toy.sha256 or "", PrototypeBank(shared))
-    bank = PrototypeBank(shared)
+            synthesize_with_bank(toy.model, by_cell, halves[half], config, toy.sha256 or "", bank)
     return load_prototypes([bank.path(toy.sha256 or "", c, config) for c in toy_grid.cells], config)
 
 

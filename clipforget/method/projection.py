@@ -212,11 +212,9 @@ def fit_margin_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: 
         r, rl, owners = stack(retain)
     else:
         r, rl, owners = f[:0], fl[:0], []
-    forget_classes = {c.cls for c in forget}
-    rw = torch.tensor([config.same_class_weight if o.cls in forget_classes else 1.0 for o in owners])
-    forget_domains = {c.domain for c in forget}
-    rw = rw * torch.tensor([config.same_domain_weight if (o.domain in forget_domains and o.cls not in forget_classes)
-                            else 1.0 for o in owners])
+    forget_classes, forget_domains = {c.cls for c in forget}, {c.domain for c in forget}
+    rw = torch.tensor([config.same_class_weight if o.cls in forget_classes else
+                       config.same_domain_weight if o.domain in forget_domains else 1.0 for o in owners])
     same = torch.tensor([o.cls in forget_classes for o in owners], dtype=torch.bool)
     start = None
     if config.margin_start == "soft":
