@@ -66,14 +66,13 @@ def margin_projection(
     start: torch.Tensor | None = None,
     retain_weights: torch.Tensor | None = None,
     retain_margin: float | None = None,
-    retain_radius: float = 0.0,
-    robust_retain: torch.Tensor | None = None,
+    retain_radius: float | torch.Tensor = 0.0,
 ) -> Projection:
     """Fit P [d, d] on forget/retain image embeddings (rows) with class labels and the zero-shot classifier.
 
     Deterministic for given inputs (full-batch Adam from `start`, default the identity). With `retain_radius`
-    ε > 0 the retain rows flagged by `robust_retain` (default: all) keep their margin to first order for any
-    perturbation of norm ε of their embedding.
+    ε > 0 (one value, or one per retain row) a retain row keeps its margin to first order for any perturbation
+    of norm ε of its embedding.
     """
     if forget.ndim != 2 or retain.ndim != 2 or forget.shape[1] != retain.shape[1] != classifier.shape[1]:
         raise ValueError("forget, retain and classifier must be [n, d] with the same d")
@@ -90,7 +89,7 @@ def margin_projection(
     r_target = torch.clamp(m0, max=margin if retain_margin is None else retain_margin)
     rw = torch.ones(len(r), dtype=torch.float64) if retain_weights is None else retain_weights.double()
     rw = rw * keep
-    robust = (torch.ones(len(r), dtype=torch.bool) if robust_retain is None else robust_retain.bool()).double()
+    radius = torch.as_tensor(retain_radius, dtype=torch.float64).expand(len(r))
     P0 = (torch.eye(d, dtype=torch.float64) if start is None else start.double()).clone()
     P = P0.clone().requires_grad_()
     opt = torch.optim.Adam([P], lr=lr)
@@ -99,9 +98,9 @@ def margin_projection(
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     for _ in range(steps):
         forget_loss = F.relu(margin + _margins(f @ P.T, t, fl)).mean()
-        if retain_radius > 0:
+        if bool((radius > 0).any()):
             mr, grad = _robust_margins(r, t, rl, P)
-            mr = mr - retain_radius * grad * robust
+            mr = mr - radius * grad
         else:
             mr = _margins(r @ P.T, t, rl)
         retain_loss = (F.relu(r_target - mr) * rw).sum() / rw.sum().clamp(min=1)
@@ -113,7 +112,8 @@ def margin_projection(
     with torch.no_grad():
         P_final = P.detach()
         fm, rm = _margins(f @ P_final.T, t, fl), _margins(r @ P_final.T, t, rl)
-        stats = {"margin": margin, "weight": weight, "steps": steps, "lr": lr, "retain_radius": retain_radius,
+        stats = {"margin": margin, "weight": weight, "steps": steps, "lr": lr,
+                 "retain_radius": float(radius.max()) if len(r) else 0.0,
                  "forget_violations": float((fm > -margin).double().mean()),
                  "retain_flips": float(((rm <= 0) & keep).double().sum() / keep.sum().clamp(min=1)),
                  "distance": float((P_final - P0).norm())}

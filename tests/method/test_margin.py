@@ -43,12 +43,12 @@ def test_margin_map_forgets_one_cell_and_keeps_the_rest():
     assert (_margins(retain @ proj.P.T, classifier, rl) > 0).all()
 
 
-def test_retain_radius_widens_the_kept_margin_of_flagged_rows():
+def test_retain_radius_widens_the_kept_margin_of_the_rows_given_one():
     forget, fl, retain, rl, classifier = _toy()
     same = torch.tensor([True] * 12 + [False] * 24)  # class 0 in the kept domain
     kw = dict(margin=0.3, weight=100.0, steps=200, retain_margin=1.0)
     plain = margin_projection(forget, fl, retain, rl, classifier, **kw)
-    robust = margin_projection(forget, fl, retain, rl, classifier, retain_radius=0.1, robust_retain=same, **kw)
+    robust = margin_projection(forget, fl, retain, rl, classifier, retain_radius=0.1 * same.double(), **kw)
     assert robust.params["retain_radius"] == 0.1
 
     def worst(P: torch.Tensor) -> float:  # first-order worst-case margin within 0.1 of the flagged rows
