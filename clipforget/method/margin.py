@@ -67,7 +67,6 @@ def margin_projection(
     retain_weights: torch.Tensor | None = None,
     retain_margin: float | None = None,
     retain_radius: float | torch.Tensor = 0.0,
-    forget_radius: float = 0.0,
 ) -> Projection:
     """Fit P [d, d] on forget/retain image embeddings (rows) with class labels and the zero-shot classifier.
 
@@ -98,11 +97,7 @@ def margin_projection(
     # prototypes that differ in rounding give nearly the same P
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     for _ in range(steps):
-        if forget_radius > 0:  # a forget row loses its class by the margin anywhere within the radius
-            mf, fgrad = _robust_margins(f, t, fl, P)
-            forget_loss = F.relu(margin + mf + forget_radius * fgrad).mean()
-        else:
-            forget_loss = F.relu(margin + _margins(f @ P.T, t, fl)).mean()
+        forget_loss = F.relu(margin + _margins(f @ P.T, t, fl)).mean()
         if bool((radius > 0).any()):
             mr, grad = _robust_margins(r, t, rl, P)
             mr = mr - radius * grad

@@ -47,7 +47,6 @@ class NullspaceConfig:
     same_domain_weight: float = 1.0
     # kind "margin": the radius within which a prototype of another class (not forgotten anywhere) keeps its margin
     other_class_radius: float = 0.0
-    forget_radius: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,6 +231,5 @@ def fit_margin_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: 
         start = fit_projection(forget, retain, text, protos, replace(config, kind="soft")).P
     return margin_projection(f, fl, r, rl, rows, margin=config.margin, weight=config.margin_weight,
                              steps=config.margin_steps, retain_weights=rw, start=start,
-                             retain_margin=config.retain_margin or None, retain_radius=radii,
-                             forget_radius=config.forget_radius)
+                             retain_margin=config.retain_margin or None, retain_radius=radii)
 
