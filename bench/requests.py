@@ -4,6 +4,7 @@
     python bench/requests.py --render-seed 1 --kinds margin,soft --json runs/requests-val.json   # validation
     python bench/requests.py --request-seed 1 --no-lineage                  # another draw of requests, nobody tuned on
     python bench/requests.py --render-seed 1 --heldout-synthesis steps=60   # held-out prototypes of another generator
+    python bench/requests.py --render-seed 3 --eval-images 50 --eval-seed 2 --request domain:house:sketch,cartoon
 
 A fixed random set of requests (global 1-3 classes, domain 1-3 cells, domain_complete 1 domain) is run
 through the method data-free, as the pipeline does: projection prototypes and held-out prototypes from
@@ -63,6 +64,17 @@ def request_set(grid, n_global: int = 12, n_domain: int = 15, seed: int = 0) -> 
     return out
 
 
+def parse_request(text: str, grid) -> tuple[str, list, list]:
+    """'MODE:CLASSES[:DOMAINS]' (comma-separated lists; domain_complete: 'domain_complete::DOMAINS')."""
+    mode, classes, domains = (text.split(":") + ["", ""])[:3]
+    out = (mode, [c for c in classes.split(",") if c], [d for d in domains.split(",") if d])
+    try:
+        forget_cells(grid, *out)
+    except (ValueError, KeyError) as e:
+        raise SystemExit(f"--request {text!r}: {e}") from None
+    return out
+
+
 def truth_pass(checks) -> bool:
     """The targets on point estimates (the images are the truth, not a sample to bound)."""
     return all((c.estimate if c.estimate is not None else c.value) <= c.limit + 1e-12 for c in checks)
@@ -81,6 +93,8 @@ def main() -> None:
     ap.add_argument("--request-seed", type=int, default=0,
                     help="draw of the request set (settings were chosen on draw 0; another draw: requests nobody tuned on)")
     ap.add_argument("--requests", type=int, default=0, help="only the first N requests (0: all)")
+    ap.add_argument("--request", action="append", default=[], metavar="MODE:CLASSES[:DOMAINS]",
+                    help="measure this request instead of a drawn set (repeatable), e.g. domain:house:sketch,cartoon")
     ap.add_argument("--no-lineage", action="store_true")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="synthesis precision of projection and held-out prototypes (auto: as the hardware does best)")
@@ -201,7 +215,7 @@ def main() -> None:
                 "probe_excess_after": max((p.after - p.chance for p in probes), default=float("nan"))}
 
     kinds = args.kinds.split(",") if args.kinds else [None]
-    requests = request_set(grid, seed=args.request_seed)
+    requests = [parse_request(r, grid) for r in args.request] if args.request else request_set(grid, seed=args.request_seed)
     if args.requests:
         requests = requests[: args.requests]
     results: dict[str, list[dict]] = {}
