@@ -70,7 +70,7 @@ def parse_request(text: str, grid) -> tuple[str, list, list]:
     out = (mode, [c for c in classes.split(",") if c], [d for d in domains.split(",") if d])
     try:
         forget_cells(grid, *out)
-    except (ValueError, KeyError) as e:
+    except ValueError as e:
         raise SystemExit(f"--request {text!r}: {e}") from None
     return out
 

@@ -90,6 +90,7 @@ def margin_projection(
     rw = torch.ones(len(r), dtype=torch.float64) if retain_weights is None else retain_weights.double()
     rw = rw * keep
     radius = torch.as_tensor(retain_radius, dtype=torch.float64).expand(len(r))
+    robust = bool((radius > 0).any())
     P0 = (torch.eye(d, dtype=torch.float64) if start is None else start.double()).clone()
     P = P0.clone().requires_grad_()
     opt = torch.optim.Adam([P], lr=lr)
@@ -98,7 +99,7 @@ def margin_projection(
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     for _ in range(steps):
         forget_loss = F.relu(margin + _margins(f @ P.T, t, fl)).mean()
-        if bool((radius > 0).any()):
+        if robust:
             mr, grad = _robust_margins(r, t, rl, P)
             mr = mr - radius * grad
         else:
