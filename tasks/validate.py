@@ -7,7 +7,7 @@ import re
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from clipforget.gate.verdict import ForgetGroup, Thresholds, Verdict, judge
+from clipforget.gate.verdict import DATA_FREE_CAVEAT, ForgetGroup, Thresholds, Verdict, judge
 from clipforget.io.bank import load_prototypes
 from clipforget.method.evaluate import LabelledImages
 from clipforget.method.grid import Grid
@@ -22,13 +22,14 @@ def artifact_key(request_id: str, what: str) -> str:
 
 
 def summary_markdown(request_id: str, mode: str, forget: list[str], passed: bool, metrics: dict, checks: list[dict],
-                     evaluation: str) -> str:
+                     evaluation: str, data_free: bool = False) -> str:
     verdict = "APPROVED" if passed else "REJECTED — not registered"
     lines = [
         f"# Unlearning request `{request_id}`: {verdict}",
         "",
         f"- mode: `{mode}`; forget cells ({len(forget)}): {', '.join(f'`{c}`' for c in forget)}",
         f"- evaluated on: {evaluation}",
+        *([f"- {DATA_FREE_CAVEAT}"] if data_free else []),
         f"- forget accuracy {metrics['forget_before']:.3f} → {metrics['forget_after']:.3f} "
         f"(worst forget cell {metrics['forget_max_after']:.3f})",
         f"- retain accuracy {metrics['retain_before']:.3f} → {metrics['retain_after']:.3f} "
@@ -92,7 +93,7 @@ def validate(request_id: str, arch: str, base: dict, unlearned: dict, grid: dict
     checks, metrics, table, passed = out["checks"], out["metrics"], out["cells"], out["passed"]
     forget = [str(c) for c in verdict.forget]
     create_markdown_artifact(summary_markdown(request_id, verdict.mode, forget, passed, metrics, checks,
-                                              verdict.evaluation),
+                                              verdict.evaluation, data_free=data_path is None),
                              key=artifact_key(request_id, "summary"), description="unlearning verdict and checks")
     create_table_artifact([{**r, "before": round(r["before"], 4), "after": round(r["after"], 4)} for r in table],
                           key=artifact_key(request_id, "cells"), description="per-cell accuracy before/after")

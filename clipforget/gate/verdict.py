@@ -31,6 +31,16 @@ from clipforget.gate.probe import ProbeResult, max_excess
 from clipforget.method.evaluate import EvalReport
 from clipforget.method.grid import Cell
 
+# What a verdict on held-out prototypes does and does not claim, for every place a data-free verdict reaches a person
+# (the Prefect summary, the registered version's card). How often such an approval misses on images is measured,
+# per mode, by bench/requests.py (docs/REQUESTS.md); docs/GATE.md explains where the gap comes from.
+DATA_FREE_CAVEAT = (
+    "Data-free verdict: the checks ran on held-out prototypes synthesized from the prompts, not on real images. "
+    "Real images can keep a forgotten class or lose a kept one where the prototypes do not (the synthetic-to-real "
+    "gap); the request benchmark measures how often that makes an approval wrong, per mode (docs/REQUESTS.md). "
+    "For a verdict on images, name evaluation images: the policy's `data_uri`, or `--data`."
+)
+
 
 class Thresholds(BaseModel):
     """Request thresholds, checked on top of the mode's criteria unless `mode_criteria` is off."""

@@ -12,6 +12,8 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from clipforget.gate.verdict import DATA_FREE_CAVEAT
+
 MAX_CHARS = 5000  # MLflow's limit on a model version description (a String(5000) column)
 
 
@@ -81,6 +83,8 @@ def model_card(report: Mapping[str, Any], name: str, version: str | None = None,
     counts = f"{per_cell[0]}" if len(per_cell) == 1 else f"{per_cell[0]}–{per_cell[-1]}" if per_cell else "?"
     lines += [f"Base and this version measured on the same images: {evaluation.get('data', '?')}, "
               f"{counts} per cell over {len(cells)} cells (zero-shot accuracy per class × domain cell).", ""]
+    if report.get("heldout"):  # judged data-free, on held-out prototypes
+        lines += [f"**{DATA_FREE_CAVEAT}**", ""]
     if m:
         def f(key: str) -> str:
             v = m.get(key)

@@ -42,6 +42,20 @@ def test_card_of_a_request_names_cells_checks_base_and_rebuild():
     assert "[cells](http://m/cells.png)" in card
 
 
+def test_card_says_when_the_verdict_is_data_free():
+    from clipforget.gate.verdict import DATA_FREE_CAVEAT
+
+    on_images = model_card(_report(["star/photo"]), "toy-x", "1")
+    assert "Data-free verdict" not in on_images
+    data_free = _report(["star/photo"])
+    data_free.update(evaluation={"data": "held-out prototypes (440 images; data-free)", "images": 440},
+                     heldout={"per_cell": "held-out prototypes (10-20/cell)", "reused": 40, "synthesized": 0})
+    data_free["policy"]["data_uri"] = None
+    card = model_card(data_free, "toy-x", "2")
+    assert f"**{DATA_FREE_CAVEAT}**" in card
+    assert card.index("## How it was judged") < card.index("Data-free verdict") < card.index("## How to rebuild it")
+
+
 def test_card_of_a_ledger_build_names_requests_and_head():
     ledger = {"location": "s3://b/ledger/", "head": "ab" * 32, "seq": 4, "request_ids": ["dsr-1", "dsr-2"]}
     card = model_card(_report(["house/sketch"], ledger), "toy-g", "5")

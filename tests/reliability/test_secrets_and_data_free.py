@@ -124,8 +124,19 @@ def test_data_free_deletion_request_registers_a_version_judged_on_heldout_protot
     champ = registry.champion(NAME)
     assert champ is not None and champ["version"] == report["registered"]["version"]
     assert champ["request_ids"] == ["dsr-secret"] and champ["sha256"] == report["output"]["sha256"]
+    # whoever reads the verdict (the Prefect summary, the registered version's card) learns it was not judged on images
+    from prefect.artifacts import Artifact
+
+    from clipforget.gate.verdict import DATA_FREE_CAVEAT
+    from tasks.validate import artifact_key
+
+    summary = Artifact.get(artifact_key(report["request_id"], "summary"))
+    assert summary is not None and DATA_FREE_CAVEAT in summary.data
+    card = registry.client().get_model_version(NAME, champ["version"]).description
+    assert DATA_FREE_CAVEAT in card
     checked("request submit with a policy without data_uri: validated on 2 held-out prototypes in each of 40 "
-            "cells, registered and promoted, tags name the request", bad_registrations=0)
+            "cells, registered and promoted, tags name the request; the summary and the card say the verdict is "
+            "data-free", bad_registrations=0)
 
 
 def test_no_secret_reaches_any_output(secret_run, tmp_path, checked):
