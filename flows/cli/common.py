@@ -185,6 +185,17 @@ def prefect_ready() -> None:
         _server_start.join()
 
 
+DATA_FREE_NOTE = ("note: judged data-free, on held-out prototypes rather than images; --data DIR (or a policy's data_uri) "
+                  "gives a verdict on images")
+
+
+def echo_data_free(approved: bool, data_free: bool) -> None:
+    """After an approval on held-out prototypes, one line saying it was not judged on images (the model card and the
+    Prefect summary say the same, longer: clipforget.gate.verdict.DATA_FREE_CAVEAT)."""
+    if approved and data_free:
+        typer.echo(DATA_FREE_NOTE)
+
+
 def report_of(json_out: Path, state: Any) -> dict:
     if not json_out.is_file():
         typer.echo(f"error: the flow ended {state.type.value} before a report: {state.message}", err=True)

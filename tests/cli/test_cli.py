@@ -18,6 +18,7 @@ from clipforget.method.evaluate import ZeroShotClassifier
 from clipforget.method.grid import resolve_grid
 from clipforget.method.prompts import TemplateSet
 from flows.cli import app
+from flows.cli.common import DATA_FREE_NOTE
 
 runner = CliRunner()
 
@@ -74,6 +75,7 @@ def test_forget_writes_a_loadable_checkpoint_and_a_report(data, tmp_path):
         assert key in rep["metrics"]
     assert {"prototypes_s", "nullspace_s", "fold_s", "total_s"} <= set(rep["timings"])
     assert [p["cell"] for p in rep["probe"]] == rep["forget_cells"] and "residual probe" in r.output
+    assert DATA_FREE_NOTE not in r.output  # judged on the images of --data
     roles = {c["role"] for c in rep["cells"]}
     assert roles == {"forget", "retain"} and len(rep["cells"]) == 40
     # the unlearned checkpoint is an ordinary toy checkpoint, evaluable by the same command
@@ -141,6 +143,7 @@ def test_data_free_forget_is_judged_on_as_many_heldout_prototypes_as_each_check_
     assert rep["evaluation"]["images"] == 4 * 20 + 36 * 10
     assert "sized from the gate's limits" in rep["evaluation"]["data"]
     assert all(c["n"] >= 19 for c in rep["checks"] if "forget" in c["name"])
+    assert (DATA_FREE_NOTE in r.output) == rep["passed"]  # an approval says it was not judged on images
 
 
 def test_data_free_eval(tmp_path):

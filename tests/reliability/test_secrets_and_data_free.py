@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+from flows.cli.common import DATA_FREE_NOTE
 
 SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIARELIABILITY7Q3XZ",
@@ -115,6 +116,7 @@ def _mlflow_texts(tmp: Path) -> tuple[list[str], list[bytes]]:
 def test_data_free_deletion_request_registers_a_version_judged_on_heldout_prototypes(secret_run, checked):
     r, report = secret_run["submit"], secret_run["report"]
     assert r.exit_code == 0, r.output
+    assert DATA_FREE_NOTE in r.output
     evaluation = report["evaluation"]["data"] if isinstance(report["evaluation"], dict) else report["evaluation"]
     assert evaluation.startswith("held-out prototypes")
     assert len(report["cells"]) == 40 and {c["n"] for c in report["cells"]} == {TINY["heldout_per_cell"]}
@@ -207,6 +209,7 @@ def test_data_free_unlearn_registers_exactly_when_the_gate_passes(demo_run, chec
         assert report["registered"] is None
     else:
         assert r.exit_code == 0 and "approved: registered rel-demo version 1" in r.output
+        assert DATA_FREE_NOTE in r.output
         assert [v["version"] for v in versions] == ["1"] and versions[0]["sha256"] == report["output"]["sha256"]
     checked(f"unlearn without --data (the make demo path), tiny budgets, the mode's criteria: "
             f"{'rejected, nothing registered' if failed else 'approved, registered once'}; report on held-out "
