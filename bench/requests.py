@@ -5,6 +5,7 @@
     python bench/requests.py --request-seed 1 --no-lineage                  # another draw of requests, nobody tuned on
     python bench/requests.py --render-seed 1 --heldout-synthesis steps=60   # held-out prototypes of another generator
     python bench/requests.py --render-seed 3 --eval-images 50 --eval-seed 2 --request domain:house:sketch,cartoon
+    python bench/requests.py --render-seed 1 --no-lineage --recentre-images 8   # oracle: prototypes at the image means
 
 A fixed random set of requests (global 1-3 classes, domain 1-3 cells, domain_complete 1 domain) is run
 through the method data-free, as the pipeline does: projection prototypes and held-out prototypes from
@@ -30,6 +31,7 @@ import time
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from clipforget.gate.criteria import FORGET_CELL_LIMIT, RETAIN_CELL_LIMIT
 from clipforget.gate.probe import residual_probe
@@ -75,6 +77,25 @@ def parse_request(text: str, grid) -> tuple[str, list, list]:
     return out
 
 
+def cell_means(loaded, grid, per_cell: int, seed: int) -> dict:
+    """The mean normalized image embedding of each cell over `per_cell` rendered images."""
+    imgs, cells = render_cells(grid.cells, per_cell, seed)
+    feats = F.normalize(image_features(loaded.model, LabelledImages.from_arrays(imgs, cells, loaded.preprocess).pixels),
+                        dim=-1)
+    return {c: feats[[i for i, x in enumerate(cells) if x == c]].mean(0) for c in grid.cells}
+
+
+def recentred(emb: torch.Tensor, cells: list, means: dict) -> torch.Tensor:
+    """Each cell's rows moved by one vector so that their mean is the cell's image mean (then normalized): the oracle
+    of docs/GATE.md, 'Where the gap sits'. Not a method: it needs labelled images of every cell."""
+    out = F.normalize(emb.float(), dim=-1).clone()
+    for c, target in means.items():
+        rows = [i for i, x in enumerate(cells) if x == c]
+        if rows:
+            out[rows] = F.normalize(out[rows] + (target - out[rows].mean(0)), dim=-1)
+    return out
+
+
 def truth_pass(checks) -> bool:
     """The targets on point estimates (the images are the truth, not a sample to bound)."""
     return all((c.estimate if c.estimate is not None else c.value) <= c.limit + 1e-12 for c in checks)
@@ -106,6 +127,10 @@ def main() -> None:
                     help="the gate judges on N rendered images per cell (of --eval-seed), as a policy's data_uri, "
                          "instead of held-out prototypes (0: held-out prototypes)")
     ap.add_argument("--eval-seed", type=int, default=13, help="render seed of the gate's images")
+    ap.add_argument("--recentre-images", type=int, default=0,
+                    help="oracle, not a method: move each cell's prototypes (projection and held-out) so their mean "
+                         "is the mean of N rendered images of the cell (docs/GATE.md, 'Where the gap sits')")
+    ap.add_argument("--recentre-seed", type=int, default=11, help="render seed of the re-centring images")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
@@ -134,9 +159,13 @@ def main() -> None:
         paths, rep = synthesize_with_bank(loaded.model, targets, grid.cells, cfg, loaded.sha256 or "", bank, images)
         return load_prototypes(paths, cfg), rep
 
-    seeds = {args.render_seed, args.fit_seed if args.fit_images else None, args.eval_seed if args.eval_images else None}
-    if len(seeds - {None}) != 1 + bool(args.fit_images) + bool(args.eval_images):
-        raise SystemExit("--render-seed, --fit-seed and --eval-seed must differ: the truth is images nothing saw")
+    seeds = {args.render_seed, args.fit_seed if args.fit_images else None, args.eval_seed if args.eval_images else None,
+             args.recentre_seed if args.recentre_images else None}
+    if len(seeds - {None}) != 1 + bool(args.fit_images) + bool(args.eval_images) + bool(args.recentre_images):
+        raise SystemExit("--render-seed, --fit-seed, --eval-seed and --recentre-seed must differ: the truth is images "
+                         "nothing saw")
+    if args.recentre_images and (args.fit_images or args.eval_images):
+        raise SystemExit("--recentre-images moves prototypes: it goes with a fit on prototypes and held-out evidence")
     fit_on = "images" if args.fit_images else "prototypes"
     t = time.perf_counter()
     resolved = synth.resolved(loaded.device, loaded.model)
@@ -166,6 +195,10 @@ def main() -> None:
         held_set = LabelledImages(torch.cat(pixels), held_cells)
     synth_s = time.perf_counter() - t
     held_feats = image_features(loaded.model, held_set.pixels)
+    if args.recentre_images:
+        means = cell_means(loaded, grid, args.recentre_images, args.recentre_seed)
+        protos = replace(protos, embeddings=recentred(protos.embeddings, protos.cells, means))
+        held_feats = recentred(held_feats, held_set.cells, means)
 
     def evidence(groups: list[ForgetGroup]) -> tuple[torch.Tensor, list]:
         """The held-out rows a request is judged on: every row, or with sized evidence the blocks each cell needs."""
@@ -258,6 +291,8 @@ def main() -> None:
            "synthesis": args.synthesis or "the policy's", "heldout_synthesis": args.heldout_synthesis or "the policy's",
            "request_seed": args.request_seed,
            "command": "python bench/requests.py " + " ".join(sys.argv[1:]),
+           "recentred": ({"images_per_cell": args.recentre_images, "seed": args.recentre_seed}
+                         if args.recentre_images else None),
            "fit": {"on": fit_on, **({"images_per_cell": args.fit_images, "seed": args.fit_seed} if args.fit_images else {})},
            "gate_evidence": ({"on": "rendered images", "per_cell": args.eval_images, "seed": args.eval_seed}
                              if args.eval_images else {"on": "held-out prototypes", "per_cell": held_n}),
@@ -319,6 +354,10 @@ def _evidence(out: dict) -> str:
     fit, ev = out.get("fit", {"on": "prototypes"}), out.get("gate_evidence", {"on": "held-out prototypes"})
     what = ("projections fitted on prototypes" if fit["on"] == "prototypes" else
             f"projections fitted on {fit['images_per_cell']} rendered images per cell (seed {fit['seed']})")
+    if out.get("recentred"):
+        r = out["recentred"]
+        what += (f" (oracle: projection and held-out prototypes re-centred on the means of {r['images_per_cell']} "
+                 f"rendered images per cell, seed {r['seed']})")
     if ev["on"] == "rendered images":
         return f"{what}, the gate judging on {ev['per_cell']} rendered images per cell (seed {ev['seed']})"
     if out["heldout_per_cell"] == "sized":
