@@ -189,10 +189,10 @@ DATA_FREE_NOTE = ("note: judged data-free, on held-out prototypes rather than im
                   "gives a verdict on images")
 
 
-def echo_data_free(approved: bool, data_free: bool) -> None:
-    """After an approval on held-out prototypes, one line saying it was not judged on images (the model card and the
-    Prefect summary say the same, longer: clipforget.gate.verdict.DATA_FREE_CAVEAT)."""
-    if approved and data_free:
+def echo_data_free(data_free: bool) -> None:
+    """After an approval: one line saying it was not judged on images when it was judged on held-out prototypes (the
+    model card and the Prefect summary say the same, longer: clipforget.gate.verdict.DATA_FREE_CAVEAT)."""
+    if data_free:
         typer.echo(DATA_FREE_NOTE)
 
 

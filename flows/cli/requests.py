@@ -87,7 +87,7 @@ def request_submit(
                    f"{'already registered' if report.get('reused') else 'approved: registered'} {reg['name']} version "
                    f"{reg['version']} (aliases: {', '.join(reg.get('aliases') or []) or 'none'}) covering "
                    f"{len(led.get('request_ids') or reg.get('request_ids') or [])} request(s)")
-        echo_data_free(True, bool(report.get("heldout")))
+        echo_data_free(bool(report.get("heldout")))
         typer.echo(f"wrote {json_out}")
         return
     typer.echo(f"rejected, nothing registered (the request stays in the ledger): {report.get('rejected') or state.message}",

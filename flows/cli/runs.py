@@ -122,7 +122,7 @@ def unlearn_cmd(
         aliases = ", ".join(reg.get("aliases") or []) or "none"
         typer.echo(f"{'already registered' if report.get('reused') else 'approved: registered'} {reg['name']} "
                    f"version {reg['version']} (aliases: {aliases}); request {report['request_id']}")
-        echo_data_free(True, bool(report.get("heldout")))
+        echo_data_free(bool(report.get("heldout")))
         typer.echo(f"wrote {json_out}")
         return
     typer.echo(f"rejected, nothing registered: {report.get('rejected') or state.message}", err=True)
