@@ -7,7 +7,7 @@ import re
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from clipforget.gate.verdict import DATA_FREE_CAVEAT, ForgetGroup, Thresholds, Verdict, judge
+from clipforget.gate.verdict import DATA_FREE_CAVEAT, DATA_FREE_REJECTION, ForgetGroup, Thresholds, Verdict, judge
 from clipforget.io.bank import load_prototypes
 from clipforget.method.evaluate import LabelledImages
 from clipforget.method.grid import Grid
@@ -29,7 +29,7 @@ def summary_markdown(request_id: str, mode: str, forget: list[str], passed: bool
         "",
         f"- mode: `{mode}`; forget cells ({len(forget)}): {', '.join(f'`{c}`' for c in forget)}",
         f"- evaluated on: {evaluation}",
-        *([f"- {DATA_FREE_CAVEAT}"] if data_free else []),
+        *([f"- {DATA_FREE_CAVEAT if passed else DATA_FREE_REJECTION}"] if data_free else []),
         f"- forget accuracy {metrics['forget_before']:.3f} → {metrics['forget_after']:.3f} "
         f"(worst forget cell {metrics['forget_max_after']:.3f})",
         f"- retain accuracy {metrics['retain_before']:.3f} → {metrics['retain_after']:.3f} "

@@ -40,6 +40,17 @@ DATA_FREE_CAVEAT = (
     "gap); the request benchmark measures how often that makes an approval wrong, per mode (docs/REQUESTS.md). "
     "For a verdict on images, name evaluation images: the policy's `data_uri`, or `--data`."
 )
+# A data-free rejection is no verdict on images either: the prototypes can lose what images keep (false rejections),
+# and some requests are beyond what a projection fitted on prototypes carries (docs/GATE.md). Labelled images are
+# the way on: with a projection fitted on 20 images per cell and a verdict on 20 others, the request benchmark's
+# 6-request lineage passes at every length (docs/REQUESTS-FIT-IMAGES.md).
+DATA_FREE_REJECTION = (
+    "Rejected on held-out prototypes, not on real images: prototypes and images disagree in both directions, so the "
+    "candidate may still meet its targets on images, and some requests are beyond what a projection fitted on "
+    "prototypes carries. Labelled images give a verdict on images (the policy's `data_uri`, or `--data`) and a "
+    "projection fitted on them (`fit_uri`, or `--fit-data`), with which the request benchmark's lineage of 6 requests "
+    "passes at every length (docs/REQUESTS-FIT-IMAGES.md)."
+)
 
 
 class Thresholds(BaseModel):

@@ -189,11 +189,27 @@ DATA_FREE_NOTE = ("note: judged data-free, on held-out prototypes rather than im
                   "gives a verdict on images")
 
 
-def echo_data_free(data_free: bool) -> None:
-    """After an approval: one line saying it was not judged on images when it was judged on held-out prototypes (the
-    model card and the Prefect summary say the same, longer: clipforget.gate.verdict.DATA_FREE_CAVEAT)."""
-    if data_free:
+DATA_FREE_REJECTED_NOTE = ("note: rejected on held-out prototypes, not on images (they disagree both ways); --data DIR "
+                           "(a policy's data_uri) gives a verdict on images")
+FIT_ON_IMAGES_NOTE = ("; --fit-data DIR (a policy's fit_uri) fits the projection on labelled images, which carries "
+                      "requests that prototypes do not (docs/REQUESTS-FIT-IMAGES.md)")
+
+
+def echo_data_free(data_free: bool, passed: bool = True, fitted_on_images: bool = False) -> None:
+    """One line after a verdict judged on held-out prototypes (`data_free`): an approval was not judged on images
+    (the model card and the Prefect summary say the same, longer: clipforget.gate.verdict.DATA_FREE_CAVEAT); a
+    rejection was not either, and labelled images are the way on (clipforget.gate.verdict.DATA_FREE_REJECTION)."""
+    if not data_free:
+        return
+    if passed:
         typer.echo(DATA_FREE_NOTE)
+    else:
+        typer.echo(DATA_FREE_REJECTED_NOTE + ("" if fitted_on_images else FIT_ON_IMAGES_NOTE), err=True)
+
+
+def fitted_on_images(report: dict) -> bool:
+    """Whether a flow's report says the projection was fitted on labelled images (a policy's fit_uri, --fit-data)."""
+    return (report.get("fit") or {}).get("on") == "images"
 
 
 def report_of(json_out: Path, state: Any) -> dict:

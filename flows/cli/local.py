@@ -178,7 +178,7 @@ def forget_cmd(
         typer.echo(f"residual probe above chance {m['probe_excess_before']:.3f} -> {m['probe_excess_after']:.3f} "
                    "(worst forgotten cell vs its nearest kept cells)")
     typer.echo(f"{'approved' if result.report['passed'] else 'not approved: ' + str(result.report['rejected'])}")
-    echo_data_free(bool(result.report["passed"]) and data is None)
+    echo_data_free(data is None, passed=bool(result.report["passed"]), fitted_on_images=fit_data is not None)
     typer.echo(f"wrote {out} and {json_out}")
 
 

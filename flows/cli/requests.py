@@ -13,6 +13,7 @@ from flows.cli.common import (
     POLICY,
     echo_data_free,
     fail,
+    fitted_on_images,
     grid_of,
     load_model_json,
     offline_prefect,
@@ -92,6 +93,7 @@ def request_submit(
         return
     typer.echo(f"rejected, nothing registered (the request stays in the ledger): {report.get('rejected') or state.message}",
                err=True)
+    echo_data_free(bool(report.get("heldout")), passed=False, fitted_on_images=fitted_on_images(report))
     typer.echo(f"wrote {json_out}")
     raise typer.Exit(1)
 

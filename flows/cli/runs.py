@@ -23,6 +23,7 @@ from flows.cli.common import (
     app,
     echo_data_free,
     fail,
+    fitted_on_images,
     grid_of,
     load_model_json,
     offline_prefect,
@@ -126,6 +127,7 @@ def unlearn_cmd(
         typer.echo(f"wrote {json_out}")
         return
     typer.echo(f"rejected, nothing registered: {report.get('rejected') or state.message}", err=True)
+    echo_data_free(bool(report.get("heldout")), passed=False, fitted_on_images=fitted_on_images(report))
     typer.echo(f"wrote {json_out}")
     raise typer.Exit(1)
 

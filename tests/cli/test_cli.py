@@ -18,7 +18,7 @@ from clipforget.method.evaluate import ZeroShotClassifier
 from clipforget.method.grid import resolve_grid
 from clipforget.method.prompts import TemplateSet
 from flows.cli import app
-from flows.cli.common import DATA_FREE_NOTE
+from flows.cli.common import DATA_FREE_NOTE, DATA_FREE_REJECTED_NOTE, FIT_ON_IMAGES_NOTE
 
 runner = CliRunner()
 
@@ -144,6 +144,24 @@ def test_data_free_forget_is_judged_on_as_many_heldout_prototypes_as_each_check_
     assert "sized from the gate's limits" in rep["evaluation"]["data"]
     assert all(c["n"] >= 19 for c in rep["checks"] if "forget" in c["name"])
     assert (DATA_FREE_NOTE in r.output) == rep["passed"]  # an approval says it was not judged on images
+
+
+@pytest.mark.parametrize("fit", [False, True])
+def test_a_data_free_rejection_says_it_was_not_judged_on_images_and_what_would_be(tmp_path, data, fit):
+    """10 held-out prototypes per forgotten cell cannot resolve the 0.15 forget limit (19 needed): the gate rejects
+    for want of evidence, whatever the candidate does. The rejection is no verdict on images either, and the user is
+    told what gives one (--data) and, unless the projection was already fitted on images, what fits one (--fit-data)."""
+    ckpt, rep_path = tmp_path / "forgot.safetensors", tmp_path / "forget.json"
+    r = invoke("forget", "--model", "toy", "--mode", "global", "--classes", "star", "--prototypes-per-cell", 2,
+               "--steps", 1, "--precision", "fp32", "--heldout-per-cell", 10, "--out", ckpt, "--json", rep_path,
+               *(["--fit-data", data] if fit else []))
+    assert r.exit_code == 0, r.output
+    rep = json.loads(rep_path.read_text())
+    assert not rep["passed"] and rep["fit"]["on"] == ("images" if fit else "prototypes")
+    assert any(c["n"] == 10 and not c["passed"] for c in rep["checks"] if "forget" in c["name"])
+    assert "not approved" in r.output and DATA_FREE_NOTE not in r.output
+    assert DATA_FREE_REJECTED_NOTE in r.output
+    assert (FIT_ON_IMAGES_NOTE in r.output) == (not fit)
 
 
 def test_data_free_eval(tmp_path):

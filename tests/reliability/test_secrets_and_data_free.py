@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.cli.common import DATA_FREE_NOTE
+from flows.cli.common import DATA_FREE_NOTE, DATA_FREE_REJECTED_NOTE
 
 SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIARELIABILITY7Q3XZ",
@@ -206,6 +206,7 @@ def test_data_free_unlearn_registers_exactly_when_the_gate_passes(demo_run, chec
     versions = registry.versions("rel-demo")
     if failed:
         assert r.exit_code == 1 and "rejected, nothing registered" in r.output and versions == []
+        assert DATA_FREE_REJECTED_NOTE in r.output and DATA_FREE_NOTE not in r.output
         assert report["registered"] is None
     else:
         assert r.exit_code == 0 and "approved: registered rel-demo version 1" in r.output
@@ -315,3 +316,22 @@ def test_mlflow_down_at_registration_then_back_registers_exactly_one_version(sec
     checked(f"model-version creation answered 503 ({seen.count('status')} calls): run failed, nothing registered; "
             "MLflow back: the rerun registered version 1, a third run nothing (exactly one version)",
             faults_survived=1, bad_registrations=0)
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_the_prefect_summary_of_a_data_free_verdict_says_what_it_does_not_claim(passed):
+    """Approved or rejected on held-out prototypes, the summary says it was not judged on images; a rejection also
+    says what gives a verdict on images and what fits a projection on them. Judged on images, neither."""
+    from clipforget.gate.verdict import DATA_FREE_CAVEAT, DATA_FREE_REJECTION
+    from tasks.validate import summary_markdown
+
+    metrics = {"forget_before": 1.0, "forget_after": 0.0, "forget_max_after": 0.0, "retain_before": 1.0,
+               "retain_after": 0.99, "retain_drop": 0.01, "retain_max_cell_drop": 0.1, "worst_retain_cell": "square/sketch"}
+    check = {"name": "max forget-cell accuracy", "value": 0.1, "limit": 0.15, "estimate": 0.0, "n": 20,
+             "rule": "95% upper bound", "passed": passed}
+    data_free = summary_markdown("r", "global", ["star/photo"], passed, metrics, [check], "held-out prototypes",
+                                 data_free=True)
+    assert (DATA_FREE_CAVEAT in data_free) == passed and (DATA_FREE_REJECTION in data_free) == (not passed)
+    assert "data_uri" in data_free and ("fit_uri" in data_free) == (not passed)
+    on_images = summary_markdown("r", "global", ["star/photo"], passed, metrics, [check], "images", data_free=False)
+    assert DATA_FREE_CAVEAT not in on_images and DATA_FREE_REJECTION not in on_images
