@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from clipforget.gate.verdict import ForgetGroup, Thresholds, evidence_per_cell, judge
-from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
+from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_blocks_with_bank, synthesize_with_bank
 from clipforget.io.checkpoints import LoadedModel, save_checkpoint
 from clipforget.method.data import require_every_cell
 from clipforget.method.evaluate import LabelledImages, ZeroShotClassifier, image_features
@@ -166,16 +166,23 @@ def heldout_images(loaded: LoadedModel, grid: Grid, synthesis: SynthesisConfig, 
                    bank: PrototypeBank | None = None) -> LabelledImages:
     """Fresh prototypes of the held-out generator (`heldout_config`) as images, for data-free validation: `per_cell`
     of every cell, or at least `per_cell[cell]` of each cell (`evidence_per_cell`), in blocks the bank shares across
-    requests (a count that is a multiple of the block comes from the same blocks)."""
+    requests (a count that is a multiple of the block comes from the same blocks).
+
+    The blocks are synthesized together, as one batch: a cell needing 20 adds its second block's 10 images to the
+    batch of everyone's first block rather than running them as a small batch of their own."""
     text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates or TemplateSet(), grid.cells)
-    pixels, cells = [], []
-    for config, block_cells in heldout_blocks(synthesis, per_cell, grid.cells):
-        protos = prototypes_for(loaded, grid, text, config, bank, True, progress, cells=block_cells)
-        assert protos.images is not None
-        got = LabelledImages.from_arrays(protos.images, protos.cells, loaded.preprocess)
-        pixels.append(got.pixels)
-        cells += got.cells
-    return LabelledImages(torch.cat(pixels), cells)
+    blocks = heldout_blocks(synthesis, per_cell, grid.cells)
+    if bank is None or not loaded.sha256:
+        rows = [(c, config.first_index) for config, block_cells in blocks for c in block_cells]
+        protos = synthesize(loaded.model, text_targets(text, [c for c, _ in rows]), [c for c, _ in rows], blocks[0][0],
+                            progress, return_images=True, first_indices=[i for _, i in rows])
+    else:
+        targets = dict(zip(grid.cells, text_targets(text, grid.cells), strict=True))
+        paths, _ = synthesize_blocks_with_bank(loaded.model, targets, blocks, loaded.sha256, bank, True, progress)
+        protos = load_prototypes([p for block_paths in paths for p in block_paths],
+                                 blocks[0][0].resolved(loaded.device, loaded.model))
+    assert protos.images is not None
+    return LabelledImages.from_arrays(protos.images, protos.cells, loaded.preprocess)
 
 
 def run_forget(

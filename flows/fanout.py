@@ -152,6 +152,54 @@ def fill_bank(arch: str, checkpoint: str, sha256: str, text_file: str, cells: li
 SYNTHESIS_DEPLOYMENT_ENV = "CLIPFORGET_SYNTHESIS_DEPLOYMENT"
 
 
+def fill_bank_blocks(arch: str, checkpoint: str, sha256: str, text_file: str, blocks: list[tuple[dict, list[str]]],
+                     *, with_images: bool = False, checkpoint_uri: str | None = None) -> list[dict]:
+    """`fill_bank_routed` of blocks (settings, cells) that differ in `first_index` only (the held-out sets,
+    clipforget.runner.heldout_blocks), one result per block.
+
+    In a flow on the in-process runner (no Ray, no gpu pool deployment, no chunking asked for) what the bank lacks
+    of every block is one `synthesize_into_bank` task, one batch: the few cells of a second block then fill the
+    batch of the first instead of running as a small batch (and a task) of their own. Elsewhere the blocks go one
+    after another through `fill_bank_routed`."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    one_batch = (ctx is not None and not runners.is_ray(ctx.task_runner) and not runners.cells_per_task_set()
+                 and not os.environ.get(SYNTHESIS_DEPLOYMENT_ENV))
+    if not one_batch or len(blocks) < 2:
+        return [fill_bank_routed(arch, checkpoint, sha256, text_file, cells, synthesis, with_images=with_images,
+                                 checkpoint_uri=checkpoint_uri) for synthesis, cells in blocks]
+    t0 = time.perf_counter()
+    logger = _logger()
+    decided = [_decided(synthesis, arch, checkpoint, sha256) for synthesis, _ in blocks]
+    configs = [SynthesisConfig(**d) for d in decided]
+    bank = PrototypeBank(work_root() / "prototypes")
+    missing = [_missing(bank, sha256, cells, config, with_images)
+               for config, (_, cells) in zip(configs, blocks, strict=True)]
+    todo = [(c, config.first_index) for config, block in zip(configs, missing, strict=True) for c in block]
+    if todo:
+        logger.info("prototype bank: %d blocks of %s cells, %d cell blocks to synthesize in-process, one batch (%d "
+                    "prototypes/cell and block, %d steps, seed %d; precision %s: %s)", len(blocks),
+                    "/".join(str(len(cells)) for _, cells in blocks), len(todo), configs[0].prototypes_per_cell,
+                    configs[0].steps, configs[0].seed, *precision_report(configs[0]).values())
+        wanted = [c for c, _ in todo]
+        done = synthesize_into_bank.submit(arch=arch, checkpoint=checkpoint, sha256=sha256, cells=cell_names(wanted),
+                                           targets=text_targets(load_text(text_file), wanted), synthesis=decided[0],
+                                           with_images=with_images, checkpoint_uri=checkpoint_uri,
+                                           first_indices=[i for _, i in todo]).result()
+        logger.info("%d cell blocks synthesized in %.1f s on %s, %s pid %d", len(todo), done["seconds"], done["device"],
+                    done["host"], done["pid"])
+    seconds = time.perf_counter() - t0
+    out = []
+    for config, (_, cells), lacked in zip(configs, blocks, missing, strict=True):
+        wanted = parse_cells(cells)
+        share = len(lacked) / len(todo) if todo else 0.0
+        out.append({"paths": [str(bank.path(sha256, c, config, with_images)) for c in wanted],
+                    "reused": len(wanted) - len(_within(wanted, lacked)), "synthesized": len(lacked),
+                    "seconds": round(seconds * share, 3), **precision_report(config)})
+    return out
+
+
 def fill_bank_routed(arch: str, checkpoint: str, sha256: str, text_file: str, cells: list[str], synthesis: dict,
                      *, with_images: bool = False, cells_per_task: int | None = None,
                      gpus_per_task: float | None = None, checkpoint_uri: str | None = None) -> dict:

@@ -24,7 +24,7 @@ from clipforget.method.projection import NullspaceConfig, default_config
 from clipforget.method.synthesis import SynthesisConfig
 from clipforget.runner import heldout_blocks, heldout_label
 from clipforget.steps import cell_names, checkpoint_metadata
-from flows.fanout import fill_bank_routed
+from flows.fanout import fill_bank_blocks, fill_bank_routed
 from tasks.build import build_nullspace, embed_fit_images, fold_into_checkpoint, generate_prompts
 from tasks.common import work_root
 from tasks.fetch import fetch_checkpoint, fetch_eval_data
@@ -253,11 +253,11 @@ def heldout_prototypes(policy: ModelPolicy, base: dict, grid: Grid, groups: Sequ
     synthesis = synthesis or policy.synthesis.config(policy.arch)
     per_cell: int | dict = policy.synthesis.heldout_per_cell or evidence_per_cell(groups, grid.cells, policy.thresholds)
     merged: dict = {"paths": [], "reused": 0, "synthesized": 0, "seconds": 0.0}
-    cfg: dict = {}
-    for config, block_cells in heldout_blocks(synthesis, per_cell, grid.cells):
-        cfg = asdict(config)
-        got = fill_bank_routed(policy.arch, base["path"], base["sha256"], text, cell_names(block_cells), cfg,
-                               with_images=True, checkpoint_uri=base["uri"])
+    blocks = [(asdict(config), cell_names(block_cells)) for config, block_cells in heldout_blocks(synthesis, per_cell,
+                                                                                                 grid.cells)]
+    cfg: dict = blocks[-1][0] if blocks else {}  # the settings the files are read back with (first_index aside)
+    for got in fill_bank_blocks(policy.arch, base["path"], base["sha256"], text, blocks, with_images=True,
+                                checkpoint_uri=base["uri"]):
         merged["paths"] += got["paths"]
         for k in ("reused", "synthesized", "seconds"):
             merged[k] += got.get(k) or 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -99,16 +100,23 @@ def _synthesis_worker(arch: str, checkpoint: str, sha256: str, checkpoint_uri: s
 
 @task(name="synthesize_into_bank", tags=["gpu"], cache_policy=NONE, persist_result=False)
 def synthesize_into_bank(arch: str, checkpoint: str, sha256: str, cells: list[str], targets: torch.Tensor,
-                         synthesis: dict, with_images: bool = False, checkpoint_uri: str | None = None) -> dict:
+                         synthesis: dict, with_images: bool = False, checkpoint_uri: str | None = None,
+                         first_indices: list[int] | None = None) -> dict:
     """In-process synthesis of `cells` as one batch whose slots refill as images finish, each cell put into this
     process's prototype bank as soon as its prototypes are done (an interrupted run keeps the finished cells).
+    With `first_indices` (one per entry of `cells`) the entries are blocks of images that differ in the first index
+    only (a cell then appears once per block: the held-out sets), each banked under its block's key.
     Returns {cells, seconds, host, pid, device}."""
-    from clipforget.io.bank import PrototypeBank, synthesize_with_bank
+    from clipforget.io.bank import PrototypeBank, synthesize_blocks_with_bank
 
     config, model, where = _synthesis_worker(arch, checkpoint, sha256, checkpoint_uri, synthesis, cells, " as one batch")
     wanted = parse_cells(cells)
-    _, report = synthesize_with_bank(model, dict(zip(wanted, targets, strict=True)), wanted, config, sha256,
-                                     PrototypeBank(work_root() / "prototypes"), with_images, _progress_logger())
+    starts = [config.first_index] * len(wanted) if first_indices is None else list(first_indices)
+    blocks = [(replace(config, first_index=start), [c for c, i in zip(wanted, starts, strict=True) if i == start])
+              for start in dict.fromkeys(starts)]
+    targets_of = dict(zip(wanted, targets, strict=True))
+    _, report = synthesize_blocks_with_bank(model, targets_of, blocks, sha256, PrototypeBank(work_root() / "prototypes"),
+                                            with_images, _progress_logger())
     return {"cells": list(cells), "seconds": report.seconds, **where}
 
 

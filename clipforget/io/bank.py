@@ -14,7 +14,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -134,16 +134,39 @@ def synthesize_with_bank(
 
     Each cell is banked as soon as its prototypes are finished: an interrupted run keeps the finished cells,
     and a rerun synthesizes only the rest."""
+    paths, report = synthesize_blocks_with_bank(model, targets, [(config, cells)], checkpoint_sha256, bank,
+                                                with_images, progress)
+    return paths[0], report
+
+
+def synthesize_blocks_with_bank(
+    model: torch.nn.Module,
+    targets: dict[Cell, torch.Tensor],
+    blocks: Sequence[tuple[SynthesisConfig, Sequence[Cell]]],
+    checkpoint_sha256: str,
+    bank: PrototypeBank,
+    with_images: bool = False,
+    progress: Callable[[dict], None] | None = None,
+) -> tuple[list[list[Path]], BankReport]:
+    """Bank files for each block (settings, cells), in block order: blocks of one cell's images that differ only in
+    `first_index` (the held-out sets, `clipforget.runner.heldout_blocks`). What the bank lacks, of every block, is
+    synthesized in one batch, each cell of each block banked as soon as it is finished (under its block's key)."""
     t0 = time.perf_counter()
-    config = config.resolved(next(model.parameters()).device, model)  # `auto` decided with the model, then keyed
-    missing = [c for c in dict.fromkeys(cells) if not bank.has(checkpoint_sha256, c, config, with_images)]
+    device = next(model.parameters()).device
+    resolved = [(cfg.resolved(device, model), list(cells)) for cfg, cells in blocks]  # `auto` decided, then keyed
+    if len({replace(cfg, first_index=0) for cfg, _ in resolved}) > 1:
+        raise ValueError("blocks synthesized together may differ only in first_index")
+    missing = [(c, cfg.first_index) for cfg, cells in resolved for c in dict.fromkeys(cells)
+               if not bank.has(checkpoint_sha256, c, cfg, with_images)]
     if missing:
-        synthesize(model, torch.stack([targets[c] for c in missing]), missing, config, progress,
-                   return_images=with_images, on_cells_done=lambda p: bank.put(checkpoint_sha256, p, with_images))
-    paths = [bank.path(checkpoint_sha256, c, config, with_images) for c in cells]
+        synthesize(model, torch.stack([targets[c] for c, _ in missing]), [c for c, _ in missing], resolved[0][0],
+                   progress, return_images=with_images, first_indices=[i for _, i in missing],
+                   on_cells_done=lambda p: bank.put(checkpoint_sha256, p, with_images))
+    paths = [[bank.path(checkpoint_sha256, c, cfg, with_images) for c in cells] for cfg, cells in resolved]
     made, hits = set(missing), []
-    for c, p in zip(cells, paths, strict=True):
-        if c not in made:
-            touch(p)  # used now: `clipforget cache prune` keeps it
-            hits.append(str(c))
-    return paths, BankReport(hits, [str(c) for c in missing], time.perf_counter() - t0)
+    for (cfg, cells), block_paths in zip(resolved, paths, strict=True):
+        for c, p in zip(cells, block_paths, strict=True):
+            if (c, cfg.first_index) not in made:
+                touch(p)  # used now: `clipforget cache prune` keeps it
+                hits.append(str(c))
+    return paths, BankReport(hits, [str(c) for c, _ in missing], time.perf_counter() - t0)

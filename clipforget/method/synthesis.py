@@ -285,6 +285,7 @@ def synthesize(
     progress: Progress | None = None,
     return_images: bool = False,
     on_cells_done: Callable[[Prototypes], object] | None = None,
+    first_indices: Sequence[int] | None = None,
 ) -> Prototypes:
     """Synthesize `config.prototypes_per_cell` prototypes for each cell.
 
@@ -292,14 +293,24 @@ def synthesize(
     used as it is (its device, eval mode) and left unchanged. `on_cells_done` receives the prototypes of
     each group of cells as soon as all their images are finished (to bank them before the rest is done:
     an interrupted run keeps what it finished). `progress` receives a dict about every `check_every` steps.
+    `first_indices[j]`, when given, is the index of cells[j]'s first image in place of `config.first_index`: blocks of
+    one cell's images (the held-out sets, `clipforget.runner.heldout_blocks`) then share one batch, a cell appearing
+    once per block, and `on_cells_done` receives each block's cells with their own `first_index` in the config (the
+    bank keys each block by it). A cell's images are the same whatever else shares the batch (with one thread: the
+    same bits).
     """
     if targets.shape[0] != len(cells):
         raise ValueError(f"{targets.shape[0]} targets for {len(cells)} cells")
+    starts = [config.first_index] * len(cells) if first_indices is None else [int(i) for i in first_indices]
+    if len(starts) != len(cells) or min(starts, default=0) < 0:
+        raise ValueError(f"first_indices must give an index >= 0 for each of the {len(cells)} cells")
+    if len(set(zip(cells, starts, strict=True))) != len(cells):
+        raise ValueError("a cell appears twice with the same first index: its images would be synthesized twice")
     device = next(model.parameters()).device
     config = config.resolved(device, model)
     t0 = time.perf_counter()
     k = config.prototypes_per_cell
-    rows = [(cell, j, config.first_index + i) for j, cell in enumerate(cells) for i in range(k)]
+    rows = [(cell, j, starts[j] + i) for j, cell in enumerate(cells) for i in range(k)]
     n = len(rows)
     size = image_size(model)
     normalize = image_normalizer(model)
@@ -356,9 +367,10 @@ def synthesize(
             return
         new = done_cells[emitted:]
         emitted = len(done_cells)
-        idx = [j * k + i for j in new for i in range(k)]
-        on_cells_done(_assemble(model, idx, rows, low_out, high_out, steps_used, tgt_all, images, encode,
-                                time.perf_counter() - t0, config, return_images))
+        for start in dict.fromkeys(starts[j] for j in new):  # one hand-out per block, keyed by its first index
+            idx = [j * k + i for j in new if starts[j] == start for i in range(k)]
+            on_cells_done(_assemble(model, idx, rows, low_out, high_out, steps_used, tgt_all, images, encode,
+                                    time.perf_counter() - t0, replace(config, first_index=start), return_images))
 
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():

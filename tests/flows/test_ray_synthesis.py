@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -158,3 +158,36 @@ def test_routed_synthesis_runs_the_gpu_deployment_only_for_missing_cells(inputs,
                          "with_images": False}
     again = routed(**tiny)  # every cell banked: no deployment run
     assert len(calls) == 3 and again["synthesized"] == 0 and again["paths"] == out["paths"]
+
+
+@flow(name="test-fill-bank-blocks")
+def fill_blocks_twice(arch: str, checkpoint: str, sha256: str, text_file: str, blocks: list) -> dict:
+    from flows.fanout import fill_bank_blocks
+
+    first = fill_bank_blocks(arch, checkpoint, sha256, text_file, blocks, with_images=True)
+    return {"first": first, "second": fill_bank_blocks(arch, checkpoint, sha256, text_file, blocks, with_images=True)}
+
+
+def test_heldout_blocks_are_one_in_process_batch_banked_per_block(inputs, tmp_path, monkeypatch):
+    """The sized held-out evidence comes in blocks (a forgotten cell needs a second block of 10): in a flow on the
+    in-process runner every block the bank lacks is one synthesis task, one batch, and each block's files are its
+    own, reused by the next request."""
+    from clipforget.runner import heldout_blocks
+
+    monkeypatch.setenv("CLIPFORGET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CLIPFORGET_CELLS_PER_TASK", raising=False)
+    cells = [Cell(*c.split("/")) for c in CELLS]
+    sized = heldout_blocks(replace(SMALL, steps=5), {cells[0]: 20, cells[1]: 10, cells[2]: 20, cells[3]: 10}, cells)
+    blocks = [(asdict(cfg), [str(c) for c in block]) for cfg, block in sized]
+    assert [len(b) for _, b in blocks] == [4, 2]
+    inputs = {k: v for k, v in inputs.items() if k not in ("cells", "synthesis")}
+    with run_log_lines() as lines:
+        out = fill_blocks_twice.with_options(task_runner=ThreadPoolTaskRunner())(**inputs, blocks=blocks)
+    first, second = out["first"], out["second"]
+    assert [b["synthesized"] for b in first] == [4, 2] and [b["reused"] for b in first] == [0, 0]
+    assert [b["synthesized"] for b in second] == [0, 0] and [b["paths"] for b in second] == [b["paths"] for b in first]
+    assert len({p for b in first for p in b["paths"]}) == 6 and all(Path(p).is_file() for b in first for p in b["paths"])
+    done = [line for line in lines if "cell blocks synthesized in" in line]
+    assert len(done) == 1 and done[0].startswith("6 cell blocks")  # one task for both blocks
+    block1 = load_prototypes(first[1]["paths"], sized[1][0])
+    assert block1.images is not None and len(block1.cells) == 2 * 10

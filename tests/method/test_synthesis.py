@@ -147,3 +147,44 @@ def test_cells_are_banked_as_they_finish_and_reused(toy, text_bank, tmp_path):
     _, again = synthesize_with_bank(toy.model, targets, CELLS[:2], cfg, "0" * 64, bank)
     assert again.synthesized == [] and len(again.hits) == 2
     assert all(p.is_file() for p in paths) and not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_blocks_of_one_cell_share_a_batch_and_are_banked_under_their_own_keys(toy, text_bank, tmp_path):
+    """The held-out sets come in blocks of images (a forgotten cell needs a second block). Blocks synthesized in one
+    batch give each block's own images, the same bits as the block alone (one thread), each banked under its block's
+    key; a later request that needs only the first block finds it."""
+    from dataclasses import replace
+
+    from clipforget.io.bank import PrototypeBank, synthesize_blocks_with_bank
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        block0 = SynthesisConfig(prototypes_per_cell=2, steps=5, seed=3, precision="fp32")
+        block1 = replace(block0, first_index=2)
+        targets = dict(zip(CELLS, text_targets(text_bank, CELLS), strict=True))
+        bank = PrototypeBank(tmp_path)
+        handed: list[tuple[int, int]] = []
+        original = bank.put
+        bank.put = lambda sha, p, images=False: handed.append((p.config.first_index, len(p.cells))) or original(
+            sha, p, images)
+        paths, report = synthesize_blocks_with_bank(toy.model, targets, [(block0, CELLS), (block1, CELLS[:1])],
+                                                    "0" * 64, bank)
+        assert sorted(report.synthesized) == sorted([*map(str, CELLS), str(CELLS[0])]) and report.hits == []
+        assert {start for start, _ in handed} == {0, 2} and sum(n for _, n in handed) == 4 * 2
+        assert [len(p) for p in paths] == [3, 1] and paths[1][0] != paths[0][0]
+        from clipforget.io.bank import load_prototypes
+
+        together = load_prototypes(paths[1], block1).embeddings
+        alone = synthesize(toy.model, text_targets(text_bank, CELLS[:1]), CELLS[:1], block1).embeddings
+        assert torch.equal(together, alone)  # block 1 is images 2-3 of the cell, as if synthesized on its own
+        first = synthesize(toy.model, text_targets(text_bank, CELLS[:1]), CELLS[:1], block0).embeddings
+        assert torch.equal(load_prototypes(paths[0][:1], block0).embeddings, first)
+        assert not torch.allclose(first, alone, atol=1e-3)  # other images, not the first block again
+        _, again = synthesize_blocks_with_bank(toy.model, targets, [(block0, CELLS[:2])], "0" * 64, bank)
+        assert again.synthesized == [] and len(again.hits) == 2
+        with pytest.raises(ValueError, match="only in first_index"):
+            synthesize_blocks_with_bank(toy.model, targets, [(block0, CELLS), (replace(block1, seed=4), CELLS[:1])],
+                                        "0" * 64, bank)
+    finally:
+        torch.set_num_threads(threads)
