@@ -120,6 +120,37 @@ def test_auto_measures_the_model_on_a_bf16_cpu(monkeypatch):
     assert all(p.requires_grad for p in slow_bf16.parameters())  # the model is left as it was
 
 
+class _Burst(torch.nn.Module):
+    """A model as fast in either precision, measured while another process takes the CPU for a few of its runs."""
+
+    def __init__(self, burst: range) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 4)
+        self.visual = torch.nn.Module()
+        self.visual.image_size = 8
+        self.burst, self.calls = burst, 0
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.25 if self.calls in self.burst else 0.02)
+        self.calls += 1
+        return self.proj(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("start", range(0, 6))
+def test_auto_is_not_flipped_by_a_moment_of_load(monkeypatch, start):
+    """A busy moment (3 runs in a row, wherever it falls) during the measurement leaves the choice as it is on an
+    idle machine: the bank key, and so the prototypes of a request, do not depend on what else the machine did."""
+    import clipforget.method.synthesis as S
+
+    monkeypatch.setattr(S, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(S, "_MEASURED", {})
+    model = _Burst(range(start, start + 3))
+    assert S.resolve_precision("auto", "cpu", model) == "bf16"
+    assert model.calls == 2 * (S.MEASURED_RUNS + 1)
+
+
 def test_progress_starts_at_once_and_ends_done(toy, text_bank):
     seen = []
     cfg = SynthesisConfig(prototypes_per_cell=2, steps=20, target_cosine=0.3, check_every=5, seed=1, precision="fp32")
