@@ -172,6 +172,9 @@ def main() -> None:
         if not args.json or not Path(args.json).is_file():
             ap.error("--end-to-end merges into an existing --json file of an earlier full run")
         out = json.loads(Path(args.json).read_text())
+        if not {"speed", "convergence"} <= out.keys():  # checked before minutes of runs, not after them
+            ap.error(f"--end-to-end merges into the JSON of an earlier full run; {args.json} has no speed and "
+                     "convergence figures")
         out.update(end_to_end())
         out["grids"] = grid_costs(out, SynthesisSettings())  # the held-out sizing may have changed since
         write_json(args.json, out)
