@@ -49,6 +49,11 @@ def _missing(bank: PrototypeBank, sha256: str, cells: list[str], config: Synthes
     return [c for c in dict.fromkeys(parse_cells(cells)) if not bank.has(sha256, c, config, with_images)]
 
 
+def _one_batch(runner: Any, cells_per_task: int | None = None) -> bool:
+    """Whether missing cells are synthesized as one in-process batch: not on Ray, and no chunking asked for."""
+    return not runners.is_ray(runner) and cells_per_task is None and not runners.cells_per_task_set()
+
+
 def _within(cells: list, subset: list) -> list:
     keep = set(subset)
     return [c for c in cells if c in keep]
@@ -87,7 +92,7 @@ def fill_bank(arch: str, checkpoint: str, sha256: str, text_file: str, cells: li
         ctx = FlowRunContext.get()
         runner = ctx.task_runner if ctx is not None else None
         on_ray = runners.is_ray(runner)
-        one_batch = not on_ray and cells_per_task is None and not runners.cells_per_task_set()
+        one_batch = _one_batch(runner, cells_per_task)
         per_task = len(missing) if one_batch else (cells_per_task or runners.cells_per_task())
         chunks = [missing[i : i + per_task] for i in range(0, len(missing), per_task)]
         gpus = 0.0
@@ -164,8 +169,7 @@ def fill_bank_blocks(arch: str, checkpoint: str, sha256: str, text_file: str, bl
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
-    one_batch = (ctx is not None and not runners.is_ray(ctx.task_runner) and not runners.cells_per_task_set()
-                 and not os.environ.get(SYNTHESIS_DEPLOYMENT_ENV))
+    one_batch = ctx is not None and _one_batch(ctx.task_runner) and not os.environ.get(SYNTHESIS_DEPLOYMENT_ENV)
     if not one_batch or len(blocks) < 2:
         return [fill_bank_routed(arch, checkpoint, sha256, text_file, cells, synthesis, with_images=with_images,
                                  checkpoint_uri=checkpoint_uri) for synthesis, cells in blocks]
