@@ -222,12 +222,19 @@ def run_forget(
     if data is not None:
         evalset = LabelledImages.from_folder(data, loaded.preprocess, grid)
     fitset = LabelledImages.from_folder(fit_data, loaded.preprocess, grid) if fit_data is not None else None
+    groups = [ForgetGroup(mode, tuple(forget_cells(grid, mode, classes, domains)))]
+    held: int | dict[Cell, int] = (heldout_per_cell if heldout_per_cell is not None
+                                   else evidence_per_cell(groups, grid.cells, thresholds))
+    if data is None and fitset is None and bank is not None and loaded.sha256:
+        # a cold request: the projection's prototypes and the gate's held-out ones as one batch, the held-out images
+        # filling the slots the projection's leave as they finish; the steps below then find both in the bank
+        text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates or TemplateSet(), grid.cells)
+        blocks = [(synthesis, list(grid.cells)), *heldout_blocks(synthesis, held, grid.cells)]
+        synthesize_blocks_with_bank(loaded.model, dict(zip(grid.cells, text_targets(text, grid.cells), strict=True)),
+                                    blocks, loaded.sha256, bank, [False] + [True] * (len(blocks) - 1), progress)
     unlearned, projection, forget, retain, protos, timings = unlearn_model(
         loaded, grid, mode=mode, classes=classes, domains=domains, synthesis=synthesis, nullspace=nullspace,
         templates=templates, progress=progress, bank=bank, fit_images=fitset)
-    groups = [ForgetGroup(mode, tuple(forget))]
-    held: int | dict[Cell, int] = (heldout_per_cell if heldout_per_cell is not None
-                                   else evidence_per_cell(groups, grid.cells, thresholds))
     if data is None:
         evalset = heldout_images(loaded, grid, synthesis, held, templates, progress, bank)
     t = time.perf_counter()

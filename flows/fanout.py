@@ -54,6 +54,11 @@ def _one_batch(runner: Any, cells_per_task: int | None = None) -> bool:
     return not runners.is_ray(runner) and cells_per_task is None and not runners.cells_per_task_set()
 
 
+def _targets_of(text: dict, cells: list) -> dict:
+    """The text target of each cell, by its name (what `synthesize_into_bank` takes)."""
+    return dict(zip(cell_names(cells), text_targets(text, cells), strict=True))
+
+
 def _within(cells: list, subset: list) -> list:
     keep = set(subset)
     return [c for c in cells if c in keep]
@@ -121,7 +126,9 @@ def fill_bank(arch: str, checkpoint: str, sha256: str, text_file: str, cells: li
         errors: list[BaseException] = []
         if one_batch:  # banks each cell itself, as it finishes
             call = synthesize_into_bank if ctx is None else (lambda **a: synthesize_into_bank.submit(**a).result())
-            done = call(**args(missing))
+            done = call(arch=arch, checkpoint=checkpoint, sha256=sha256, checkpoint_uri=checkpoint_uri,
+                        blocks=[{"synthesis": synthesis, "cells": cell_names(missing), "with_images": with_images}],
+                        targets=_targets_of(text, missing))
             logger.info("%d cells synthesized in %.1f s on %s, %s pid %d", len(done["cells"]), done["seconds"],
                         done["device"], done["host"], done["pid"])
         elif ctx is None:
@@ -157,48 +164,57 @@ def fill_bank(arch: str, checkpoint: str, sha256: str, text_file: str, cells: li
 SYNTHESIS_DEPLOYMENT_ENV = "CLIPFORGET_SYNTHESIS_DEPLOYMENT"
 
 
-def fill_bank_blocks(arch: str, checkpoint: str, sha256: str, text_file: str, blocks: list[tuple[dict, list[str]]],
+def fill_bank_blocks(arch: str, checkpoint: str, sha256: str, text_file: str, blocks: list[tuple],
                      *, with_images: bool = False, checkpoint_uri: str | None = None) -> list[dict]:
-    """`fill_bank_routed` of blocks (settings, cells) that differ in `first_index` only (the held-out sets,
-    clipforget.runner.heldout_blocks), one result per block.
+    """`fill_bank_routed` of several blocks, one result per block: each block is (settings, cells) or (settings,
+    cells, with_images) (default `with_images`), and the blocks differ in the settings of each image only
+    (`clipforget.method.synthesis.PER_IMAGE_SETTINGS`): the held-out sets (clipforget.runner.heldout_blocks), and a
+    request's projection prototypes beside them.
 
     In a flow on the in-process runner (no Ray, no gpu pool deployment, no chunking asked for) what the bank lacks
     of every block is one `synthesize_into_bank` task, one batch: the few cells of a second block then fill the
-    batch of the first instead of running as a small batch (and a task) of their own. Elsewhere the blocks go one
+    batch of the first instead of running as a small batch (and a task) of their own, and a cold request's
+    held-out prototypes fill the slots its projection prototypes leave as they finish. Elsewhere the blocks go one
     after another through `fill_bank_routed`."""
     from prefect.context import FlowRunContext
 
+    blocks = [(b[0], b[1], b[2] if len(b) > 2 else with_images) for b in blocks]
     ctx = FlowRunContext.get()
     one_batch = ctx is not None and _one_batch(ctx.task_runner) and not os.environ.get(SYNTHESIS_DEPLOYMENT_ENV)
     if not one_batch or len(blocks) < 2:
-        return [fill_bank_routed(arch, checkpoint, sha256, text_file, cells, synthesis, with_images=with_images,
-                                 checkpoint_uri=checkpoint_uri) for synthesis, cells in blocks]
+        return [fill_bank_routed(arch, checkpoint, sha256, text_file, cells, synthesis, with_images=images,
+                                 checkpoint_uri=checkpoint_uri) for synthesis, cells, images in blocks]
     t0 = time.perf_counter()
     logger = _logger()
-    decided = [_decided(synthesis, arch, checkpoint, sha256) for synthesis, _ in blocks]
+    decided = [_decided(synthesis, arch, checkpoint, sha256) for synthesis, _, _ in blocks]
     configs = [SynthesisConfig(**d) for d in decided]
     bank = PrototypeBank(work_root() / "prototypes")
-    missing = [_missing(bank, sha256, cells, config, with_images)
-               for config, (_, cells) in zip(configs, blocks, strict=True)]
-    todo = [(c, config.first_index) for config, block in zip(configs, missing, strict=True) for c in block]
+    missing = [_missing(bank, sha256, cells, config, images)
+               for config, (_, cells, images) in zip(configs, blocks, strict=True)]
+    todo = sum(len(m) for m in missing)
+    images_todo = sum(len(m) * c.prototypes_per_cell for m, c in zip(missing, configs, strict=True))
     if todo:
-        logger.info("prototype bank: %d blocks of %s cells, %d cell blocks to synthesize in-process, one batch (%d "
-                    "prototypes/cell and block, %d steps, seed %d; precision %s: %s)", len(blocks),
-                    "/".join(str(len(cells)) for _, cells in blocks), len(todo), configs[0].prototypes_per_cell,
-                    configs[0].steps, configs[0].seed, *precision_report(configs[0]).values())
-        wanted = [c for c, _ in todo]
-        done = synthesize_into_bank.submit(arch=arch, checkpoint=checkpoint, sha256=sha256, cells=cell_names(wanted),
-                                           targets=text_targets(load_text(text_file), wanted), synthesis=decided[0],
-                                           with_images=with_images, checkpoint_uri=checkpoint_uri,
-                                           first_indices=[i for _, i in todo]).result()
-        logger.info("%d cell blocks synthesized in %.1f s on %s, %s pid %d", len(todo), done["seconds"], done["device"],
+        logger.info("prototype bank: %d blocks of %s cells, %d cell blocks to synthesize in-process, one batch (%s "
+                    "prototypes/cell and block, %d steps, seeds %s; precision %s: %s)", len(blocks),
+                    "/".join(str(len(cells)) for _, cells, _ in blocks), todo,
+                    "/".join(str(c.prototypes_per_cell) for c in configs), configs[0].steps,
+                    "/".join(str(s) for s in dict.fromkeys(c.seed for c in configs)),
+                    *precision_report(configs[0]).values())
+        text = load_text(text_file)
+        union = list(dict.fromkeys(c for m in missing for c in m))
+        done = synthesize_into_bank.submit(
+            arch=arch, checkpoint=checkpoint, sha256=sha256, checkpoint_uri=checkpoint_uri,
+            blocks=[{"synthesis": d, "cells": cell_names(m), "with_images": images}
+                    for d, m, (_, _, images) in zip(decided, missing, blocks, strict=True) if m],
+            targets=_targets_of(text, union)).result()
+        logger.info("%d cell blocks synthesized in %.1f s on %s, %s pid %d", todo, done["seconds"], done["device"],
                     done["host"], done["pid"])
     seconds = time.perf_counter() - t0
     out = []
-    for config, (_, cells), lacked in zip(configs, blocks, missing, strict=True):
+    for config, (_, cells, images), lacked in zip(configs, blocks, missing, strict=True):
         wanted = parse_cells(cells)
-        share = len(lacked) / len(todo) if todo else 0.0
-        out.append({"paths": [str(bank.path(sha256, c, config, with_images)) for c in wanted],
+        share = len(lacked) * config.prototypes_per_cell / images_todo if todo else 0.0  # by images synthesized
+        out.append({"paths": [str(bank.path(sha256, c, config, images)) for c in wanted],
                     "reused": len(wanted) - len(_within(wanted, lacked)), "synthesized": len(lacked),
                     "seconds": round(seconds * share, 3), **precision_report(config)})
     return out

@@ -142,10 +142,17 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
 
     # 3. visual prototypes, data-free (the prototype bank keeps them per cell across requests)
     t = time.perf_counter()
-    fit = None
+    fit, prefetched = None, None
     if fit_path:  # or the policy's labelled images of every cell, with the mode's image settings
         fit = embed_fit_images(policy.arch, base["path"], base["sha256"], text, fit_path, grid_dict, asdict(synthesis))
         protos = {"paths": fit["paths"], "precision": synthesis.precision}
+    elif data_path is None:  # data-free: the gate's held-out prototypes share the batch of the projection's
+        # (a cold request then synthesizes everything as one batch, the held-out images filling the slots the
+        # projection's leave as they finish; validation finds them in the bank)
+        held_blocks, per_cell = heldout_plan(policy, grid, forget_groups, synthesis)
+        got = fill_bank_blocks(policy.arch, base["path"], base["sha256"], text,
+                               [(asdict(synthesis), cells, False), *held_blocks], checkpoint_uri=base["uri"])
+        protos, prefetched = got[0], merged_heldout(held_blocks, got[1:], per_cell)
     else:
         protos = fill_bank_routed(policy.arch, base["path"], base["sha256"], text, cells, asdict(synthesis),
                                   checkpoint_uri=base["uri"])
@@ -168,8 +175,8 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
 
     # 6. validate: before/after per cell on the data, else on fresh held-out prototypes
     t = time.perf_counter()
-    heldout, heldout_cfg = (heldout_prototypes(policy, base, grid, forget_groups, text, synthesis) if data_path is None
-                            else (None, None))
+    heldout, heldout_cfg = (prefetched or heldout_prototypes(policy, base, grid, forget_groups, text, synthesis)
+                            if data_path is None else (None, None))
     groups = [{"mode": g.mode, "cells": cell_names(g.cells)} for g in forget_groups]
     verdict = validate(build.version_id, policy.arch, base, unlearned, grid_dict, groups,
                        thresholds=policy.thresholds.model_dump(), data_path=data_path,
@@ -240,30 +247,44 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     return done()
 
 
-def heldout_prototypes(policy: ModelPolicy, base: dict, grid: Grid, groups: Sequence[ForgetGroup],
-                       text: str | None = None, synthesis: SynthesisConfig | None = None) -> tuple[dict, dict]:
-    """Fresh held-out prototypes, with images, for data-free validation of `groups`: (synthesis result, config).
-    The policy's `heldout_per_cell` of every cell, or by default as many per cell as the gate's checks of `groups`
-    need, in blocks of 10 the bank shares across requests (clipforget.runner.heldout_blocks). `paths` lists block 0
-    (one file per cell, in grid order) first, then the cells of later blocks.
-    `synthesis`: the build's settings (a rebuild's recorded ones), default the policy's."""
-    cells = cell_names(grid.cells)
-    if text is None:
-        text = generate_prompts(policy.arch, base["path"], base["sha256"], cells)
+def heldout_plan(policy: ModelPolicy, grid: Grid, groups: Sequence[ForgetGroup],
+                 synthesis: SynthesisConfig | None = None) -> tuple[list[tuple[dict, list[str], bool]], int | dict]:
+    """The held-out blocks data-free validation of `groups` needs, as `fill_bank_blocks` takes them (settings, cells,
+    with images), and the count per cell they were sized from: the policy's `heldout_per_cell` of every cell, or by
+    default as many per cell as the gate's checks of `groups` need, in blocks of 10 the bank shares across requests
+    (clipforget.runner.heldout_blocks). `synthesis`: the build's settings (a rebuild's recorded ones), default the
+    policy's."""
     synthesis = synthesis or policy.synthesis.config(policy.arch)
     per_cell: int | dict = policy.synthesis.heldout_per_cell or evidence_per_cell(groups, grid.cells, policy.thresholds)
+    blocks = [(asdict(config), cell_names(cells), True) for config, cells in heldout_blocks(synthesis, per_cell,
+                                                                                            grid.cells)]
+    return blocks, per_cell
+
+
+def merged_heldout(blocks: Sequence[tuple[dict, list[str], bool]], results: Sequence[dict],
+                   per_cell: int | dict) -> tuple[dict, dict]:
+    """The results of `fill_bank_blocks` for `heldout_plan`'s blocks as one (synthesis result, config): `paths` lists
+    block 0 (one file per cell, in grid order) first, then the cells of later blocks."""
     merged: dict = {"paths": [], "reused": 0, "synthesized": 0, "seconds": 0.0}
-    blocks = [(asdict(config), cell_names(block_cells)) for config, block_cells in heldout_blocks(synthesis, per_cell,
-                                                                                                 grid.cells)]
-    cfg: dict = blocks[-1][0] if blocks else {}  # the settings the files are read back with (first_index aside)
-    for got in fill_bank_blocks(policy.arch, base["path"], base["sha256"], text, blocks, with_images=True,
-                                checkpoint_uri=base["uri"]):
+    for got in results:
         merged["paths"] += got["paths"]
         for k in ("reused", "synthesized", "seconds"):
             merged[k] += got.get(k) or 0
         merged.update({k: v for k, v in got.items() if k not in merged})
     merged["per_cell"] = heldout_label(per_cell)  # the report's `heldout`
+    cfg: dict = blocks[-1][0] if blocks else {}  # the settings the files are read back with (first_index aside)
     return merged, cfg
+
+
+def heldout_prototypes(policy: ModelPolicy, base: dict, grid: Grid, groups: Sequence[ForgetGroup],
+                       text: str | None = None, synthesis: SynthesisConfig | None = None) -> tuple[dict, dict]:
+    """Fresh held-out prototypes, with images, for data-free validation of `groups` (`heldout_plan`), from the bank,
+    what it lacks synthesized now: (synthesis result, config) as `merged_heldout` gives them."""
+    if text is None:
+        text = generate_prompts(policy.arch, base["path"], base["sha256"], cell_names(grid.cells))
+    blocks, per_cell = heldout_plan(policy, grid, groups, synthesis)
+    got = fill_bank_blocks(policy.arch, base["path"], base["sha256"], text, blocks, checkpoint_uri=base["uri"])
+    return merged_heldout(blocks, got, per_cell)
 
 
 def _example(data_path: str | None, heldout: dict | None) -> str:

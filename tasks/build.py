@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -93,31 +92,33 @@ def _synthesis_worker(arch: str, checkpoint: str, sha256: str, checkpoint_uri: s
     config = SynthesisConfig(**synthesis)
     model = loaded_model(arch, _local_checkpoint(checkpoint, sha256, checkpoint_uri), sha256).model
     where = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(next(model.parameters()).device)}
-    get_run_logger().info("synthesizing %d cells x %d prototypes on %s%s (%s, pid %d)", len(cells),
-                          config.prototypes_per_cell, where["device"], how, where["host"], where["pid"])
+    what = how or f"{len(cells)} cells x {config.prototypes_per_cell} prototypes"
+    get_run_logger().info("synthesizing %s on %s (%s, pid %d)", what, where["device"], where["host"], where["pid"])
     return config, model, where
 
 
 @task(name="synthesize_into_bank", tags=["gpu"], cache_policy=NONE, persist_result=False)
-def synthesize_into_bank(arch: str, checkpoint: str, sha256: str, cells: list[str], targets: torch.Tensor,
-                         synthesis: dict, with_images: bool = False, checkpoint_uri: str | None = None,
-                         first_indices: list[int] | None = None) -> dict:
-    """In-process synthesis of `cells` as one batch whose slots refill as images finish, each cell put into this
+def synthesize_into_bank(arch: str, checkpoint: str, sha256: str, blocks: list[dict], targets: dict[str, torch.Tensor],
+                         checkpoint_uri: str | None = None) -> dict:
+    """In-process synthesis of `blocks` as one batch whose slots refill as images finish, each cell put into this
     process's prototype bank as soon as its prototypes are done (an interrupted run keeps the finished cells).
-    With `first_indices` (one per entry of `cells`) the entries are blocks of images that differ in the first index
-    only (a cell then appears once per block: the held-out sets), each banked under its block's key.
-    Returns {cells, seconds, host, pid, device}."""
+
+    `blocks`: [{synthesis (settings), cells, with_images}], blocks that differ in the settings of each image only
+    (`clipforget.io.bank.synthesize_blocks_with_bank`): a set of cells, the held-out blocks of a request, or a
+    request's projection prototypes and its held-out blocks together. `targets`: the text target of every cell named.
+    Returns {cells (each block's, in order), seconds, host, pid, device}."""
     from clipforget.io.bank import PrototypeBank, synthesize_blocks_with_bank
 
-    config, model, where = _synthesis_worker(arch, checkpoint, sha256, checkpoint_uri, synthesis, cells, " as one batch")
-    wanted = parse_cells(cells)
-    starts = [config.first_index] * len(wanted) if first_indices is None else list(first_indices)
-    blocks = [(replace(config, first_index=start), [c for c, i in zip(wanted, starts, strict=True) if i == start])
-              for start in dict.fromkeys(starts)]
-    targets_of = dict(zip(wanted, targets, strict=True))
-    _, report = synthesize_blocks_with_bank(model, targets_of, blocks, sha256, PrototypeBank(work_root() / "prototypes"),
-                                            with_images, _progress_logger())
-    return {"cells": list(cells), "seconds": report.seconds, **where}
+    cells = [c for b in blocks for c in b["cells"]]
+    configs = [(SynthesisConfig(**b["synthesis"]), parse_cells(b["cells"])) for b in blocks]
+    images = sum(cfg.prototypes_per_cell * len(block_cells) for cfg, block_cells in configs)
+    how = (f"{len(cells)} cell blocks of {len(blocks)} settings ({images} images) as one batch" if len(blocks) > 1
+           else f"{len(cells)} cells x {configs[0][0].prototypes_per_cell} prototypes as one batch")
+    _, model, where = _synthesis_worker(arch, checkpoint, sha256, checkpoint_uri, blocks[0]["synthesis"], cells, how)
+    targets_of = {c: targets[str(c)] for _, block_cells in configs for c in block_cells}
+    _, report = synthesize_blocks_with_bank(model, targets_of, configs, sha256, PrototypeBank(work_root() / "prototypes"),
+                                            [bool(b.get("with_images")) for b in blocks], _progress_logger())
+    return {"cells": cells, "seconds": report.seconds, **where}
 
 
 @task(name="synthesize_chunk", tags=["gpu"], cache_policy=NONE, persist_result=False)

@@ -1,8 +1,10 @@
 """The prototype bank: synthesized prototypes cached per cell, across requests, on disk.
 
-Synthesis seeds every image by (seed, cell, index), so a cell's prototypes depend only on the
-checkpoint, the cell and the synthesis settings — never on which other cells share the batch. The
-bank keys one safetensors file per cell by exactly that: checkpoint sha256 + cell + settings + seed.
+Synthesis seeds every image by (seed, cell, index), so a cell's prototypes are decided by the
+checkpoint, the cell and the synthesis settings; which other cells share the batch reaches them only
+through the kernels a batch of that size runs (`clipforget.method.synthesis.synthesize`: the same
+draw, not always the same bits). The bank keys one safetensors file per cell by exactly that:
+checkpoint sha256 + cell + settings + seed, and keeps the first draw it is given.
 The retain cells that every request needs are therefore synthesized once per checkpoint, and a later
 request only pays for cells nobody asked for before.
 """
@@ -14,7 +16,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ import torch
 from clipforget.io.atomic import atomic_path
 from clipforget.io.cache import touch
 from clipforget.method.grid import Cell
-from clipforget.method.synthesis import Prototypes, SynthesisConfig, synthesize
+from clipforget.method.synthesis import PER_IMAGE_SETTINGS, Prototypes, SynthesisConfig, shared_settings, synthesize
 
 # settings that change no prototype: how many images share a batch
 _NOT_IN_KEY = ("batch_size",)
@@ -145,28 +147,39 @@ def synthesize_blocks_with_bank(
     blocks: Sequence[tuple[SynthesisConfig, Sequence[Cell]]],
     checkpoint_sha256: str,
     bank: PrototypeBank,
-    with_images: bool = False,
+    with_images: bool | Sequence[bool] = False,
     progress: Callable[[dict], None] | None = None,
 ) -> tuple[list[list[Path]], BankReport]:
-    """Bank files for each block (settings, cells), in block order: blocks of one cell's images that differ only in
-    `first_index` (the held-out sets, `clipforget.runner.heldout_blocks`). What the bank lacks, of every block, is
+    """Bank files for each block (settings, cells), in block order. Blocks may differ in the settings of each image
+    only (`clipforget.method.synthesis.PER_IMAGE_SETTINGS`): the held-out sets (`clipforget.runner.heldout_blocks`,
+    which differ in `first_index`), and a request's projection prototypes beside them. `with_images`: one flag, or one
+    per block (held-out files keep their images, the projection's do not). What the bank lacks, of every block, is
     synthesized in one batch, each cell of each block banked as soon as it is finished (under its block's key)."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     resolved = [(cfg.resolved(device, model), list(cells)) for cfg, cells in blocks]  # `auto` decided, then keyed
-    if len({replace(cfg, first_index=0) for cfg, _ in resolved}) > 1:
-        raise ValueError("blocks synthesized together may differ only in first_index")
-    missing = [(c, cfg.first_index) for cfg, cells in resolved for c in dict.fromkeys(cells)
-               if not bank.has(checkpoint_sha256, c, cfg, with_images)]
+    images = [with_images] * len(resolved) if isinstance(with_images, bool) else list(with_images)
+    if len(images) != len(resolved):
+        raise ValueError(f"with_images gives {len(images)} flags for {len(resolved)} blocks")
+    if len({shared_settings(cfg) for cfg, _ in resolved}) > 1:
+        raise ValueError(f"blocks synthesized together may differ only in {', '.join(PER_IMAGE_SETTINGS)}")
+    keyed: dict[SynthesisConfig, bool] = {}  # one bank key per block: a block of the same settings given twice is one block
+    for (cfg, _), img in zip(resolved, images, strict=True):
+        if keyed.setdefault(cfg, img) != img:
+            raise ValueError("two blocks with the same settings must agree on with_images")
+    missing = list(dict.fromkeys((c, cfg) for cfg, cells in resolved for c in cells
+                                 if not bank.has(checkpoint_sha256, c, cfg, keyed[cfg])))
     if missing:
-        synthesize(model, torch.stack([targets[c] for c, _ in missing]), [c for c, _ in missing], resolved[0][0],
-                   progress, return_images=with_images, first_indices=[i for _, i in missing],
-                   on_cells_done=lambda p: bank.put(checkpoint_sha256, p, with_images))
-    paths = [[bank.path(checkpoint_sha256, c, cfg, with_images) for c in cells] for cfg, cells in resolved]
+        first = resolved[0][0]
+        synthesize(model, torch.stack([targets[c] for c, _ in missing]), [c for c, _ in missing], first,
+                   progress, return_images=any(keyed[cfg] for _, cfg in missing), configs=[cfg for _, cfg in missing],
+                   on_cells_done=lambda p: bank.put(checkpoint_sha256, p, keyed[p.config]))
+    paths = [[bank.path(checkpoint_sha256, c, cfg, img) for c in cells]
+             for (cfg, cells), img in zip(resolved, images, strict=True)]
     made, hits = set(missing), []
     for (cfg, cells), block_paths in zip(resolved, paths, strict=True):
         for c, p in zip(cells, block_paths, strict=True):
-            if (c, cfg.first_index) not in made:
+            if (c, cfg) not in made:
                 touch(p)  # used now: `clipforget cache prune` keeps it
                 hits.append(str(c))
     return paths, BankReport(hits, [str(c) for c, _ in missing], time.perf_counter() - t0)

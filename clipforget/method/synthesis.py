@@ -225,6 +225,15 @@ class Prototypes:
         }
 
 
+# the settings of each image: entries that differ only in these can share one batch (`synthesize(configs=...)`)
+PER_IMAGE_SETTINGS = ("seed", "augment", "augment_decay", "prototypes_per_cell", "first_index")
+
+
+def shared_settings(config: SynthesisConfig) -> SynthesisConfig:
+    """`config` with its per-image settings blanked: what entries of one batch must have in common."""
+    return replace(config, seed=0, augment=0.0, augment_decay=0.0, prototypes_per_cell=1, first_index=0)
+
+
 def cell_seed(seed: int, cell: Cell, index: int) -> int:
     """A stable 63-bit seed for one prototype image (independent of Python's hash randomization)."""
     digest = hashlib.sha256(f"{seed}|{cell.cls}|{cell.domain}|{index}".encode()).digest()
@@ -290,6 +299,7 @@ def synthesize(
     return_images: bool = False,
     on_cells_done: Callable[[Prototypes], object] | None = None,
     first_indices: Sequence[int] | None = None,
+    configs: Sequence[SynthesisConfig] | None = None,
 ) -> Prototypes:
     """Synthesize `config.prototypes_per_cell` prototypes for each cell.
 
@@ -300,21 +310,42 @@ def synthesize(
     `first_indices[j]`, when given, is the index of cells[j]'s first image in place of `config.first_index`: blocks of
     one cell's images (the held-out sets, `clipforget.runner.heldout_blocks`) then share one batch, a cell appearing
     once per block, and `on_cells_done` receives each block's cells with their own `first_index` in the config (the
-    bank keys each block by it). A cell's images are the same whatever else shares the batch (with one thread: the
-    same bits).
+    bank keys each block by it). Every image has its own seed, augmentation, noise and step schedule, so what else
+    shares the batch reaches it only through the kernels: a batch of another size may run other kernels (measured
+    with one thread: 6 and 12 images agree bit for bit, 36 do not, about 1e-4 apart in an embedding after 5 steps),
+    and over many steps such a difference can move an image's stopping step. The same missing cells give the same
+    bits; the same cell among other missing cells gives an equivalent draw, not the same bits.
+    `configs[j]`, when given, are cells[j]'s own settings (in place of `config` and `first_indices`); they may differ
+    from `config` only in the settings of each image (`PER_IMAGE_SETTINGS`: seed, augmentation, how many and which
+    images), so that a request's projection prototypes and the gate's held-out prototypes can share one batch;
+    `on_cells_done` then receives the cells of each distinct setting with that setting as their config. The returned
+    `Prototypes` carry `config` (resolved) whatever their entries' settings.
     """
     if targets.shape[0] != len(cells):
         raise ValueError(f"{targets.shape[0]} targets for {len(cells)} cells")
-    starts = [config.first_index] * len(cells) if first_indices is None else [int(i) for i in first_indices]
-    if len(starts) != len(cells) or min(starts, default=0) < 0:
-        raise ValueError(f"first_indices must give an index >= 0 for each of the {len(cells)} cells")
-    if len(set(zip(cells, starts, strict=True))) != len(cells):
-        raise ValueError("a cell appears twice with the same first index: its images would be synthesized twice")
     device = next(model.parameters()).device
     config = config.resolved(device, model)
+    if configs is None:
+        starts = [config.first_index] * len(cells) if first_indices is None else [int(i) for i in first_indices]
+        if len(starts) != len(cells) or min(starts, default=0) < 0:
+            raise ValueError(f"first_indices must give an index >= 0 for each of the {len(cells)} cells")
+        cfgs = [replace(config, first_index=i) for i in starts]
+    else:
+        if first_indices is not None or len(configs) != len(cells):
+            raise ValueError(f"configs must give one setting for each of the {len(cells)} cells (and no first_indices)")
+        cfgs = [c.resolved(device, model) for c in configs]
+        if any(shared_settings(c) != shared_settings(config) for c in cfgs):
+            raise ValueError("entries synthesized in one batch may differ only in "
+                             f"{', '.join(PER_IMAGE_SETTINGS)}")
+    if len(set(zip(cells, cfgs, strict=True))) != len(cells):
+        raise ValueError("a cell appears twice with the same settings: its images would be synthesized twice")
     t0 = time.perf_counter()
-    k = config.prototypes_per_cell
-    rows = [(cell, j, starts[j] + i) for j, cell in enumerate(cells) for i in range(k)]
+    sizes = [c.prototypes_per_cell for c in cfgs]
+    offsets = [sum(sizes[:j]) for j in range(len(cells))]  # entry j's first row
+    rows = [(cell, j, cfgs[j].first_index + i) for j, cell in enumerate(cells) for i in range(sizes[j])]
+    # per entry: the augmentation strength and how much of it fades with the step size
+    aug_base = torch.tensor([c.augment for c in cfgs], dtype=torch.float32)
+    aug_decay = torch.tensor([c.augment_decay for c in cfgs], dtype=torch.float32)
     n = len(rows)
     size = image_size(model)
     normalize = image_normalizer(model)
@@ -323,7 +354,7 @@ def synthesize(
     high_out = torch.zeros(n, 3, size, size, device=device)
     steps_used = torch.full((n,), config.steps, dtype=torch.long)
     finished = torch.zeros(n, dtype=torch.bool)
-    cell_left = [k] * len(cells)  # images of each cell not yet finished
+    cell_left = list(sizes)  # images of each entry not yet finished
     done_cells: list[int] = []
     emitted = 0
     slots = _Slots(min(config.batch_size, n), config.low_res, size, config.steps, device)
@@ -352,8 +383,8 @@ def synthesize(
         for s in (slots.row < 0).nonzero().squeeze(1).tolist():
             if next_row >= n:
                 return
-            cell, _, i = rows[next_row]
-            g = torch.Generator().manual_seed(cell_seed(config.seed, cell, i))
+            cell, j, i = rows[next_row]
+            g = torch.Generator().manual_seed(cell_seed(cfgs[j].seed, cell, i))
             slots.low[s] = (torch.randn(3, config.low_res, config.low_res, generator=g) * 0.5).to(device)
             slots.high[s] = (torch.randn(3, size, size, generator=g) * 0.05).to(device)
             slots.aug[s] = torch.rand(config.steps, 5, generator=g)
@@ -371,10 +402,10 @@ def synthesize(
             return
         new = done_cells[emitted:]
         emitted = len(done_cells)
-        for start in dict.fromkeys(starts[j] for j in new):  # one hand-out per block, keyed by its first index
-            idx = [j * k + i for j in new if starts[j] == start for i in range(k)]
+        for cfg in dict.fromkeys(cfgs[j] for j in new):  # one hand-out per setting (a block: keyed by it)
+            idx = [offsets[j] + i for j in new if cfgs[j] == cfg for i in range(sizes[j])]
             on_cells_done(_assemble(model, idx, rows, low_out, high_out, steps_used, tgt_all, images, encode,
-                                    time.perf_counter() - t0, replace(config, first_index=start), return_images))
+                                    time.perf_counter() - t0, cfg, return_images))
 
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -398,10 +429,12 @@ def synthesize(
             noise = torch.stack([slots.noise[s].roll(shifts=sh, dims=(1, 2)) for s, sh in zip(live.tolist(), shifts,
                                                                                             strict=True)])
             # augmentation strength follows the learning rate down: robust shape first, then the clean image
-            strength = config.augment * ((1 - config.augment_decay) + config.augment_decay * lr / config.lr)
+            entry = [rows[r][1] for r in slots.row[live].tolist()]
+            base, decay = aug_base[entry], aug_decay[entry]
+            strength = base * ((1 - decay) + decay * lr / config.lr)
             aug = _augment_params(slots.aug[live, t], strength).to(device)
             emb = encode(_augment(x, aug, noise))
-            tgt = tgt_all[[rows[r][1] for r in slots.row[live].tolist()]]
+            tgt = tgt_all[entry]
             loss = -(emb * tgt).sum()
             g_low, g_high = torch.autograd.grad(loss, [low, high])
             with torch.no_grad():

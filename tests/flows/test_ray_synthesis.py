@@ -191,3 +191,31 @@ def test_heldout_blocks_are_one_in_process_batch_banked_per_block(inputs, tmp_pa
     assert len(done) == 1 and done[0].startswith("6 cell blocks")  # one task for both blocks
     block1 = load_prototypes(first[1]["paths"], sized[1][0])
     assert block1.images is not None and len(block1.cells) == 2 * 10
+
+
+def test_a_cold_requests_projection_and_heldout_prototypes_are_one_in_process_batch(inputs, tmp_path, monkeypatch):
+    """A cold data-free request needs the projection's prototypes (no images kept) and the gate's held-out blocks
+    (another seed and augmentation, images kept): in a flow on the in-process runner they are one synthesis task and
+    one batch, each set banked under its own key, and the validation step's lookup finds every held-out block."""
+    from clipforget.runner import heldout_blocks
+
+    monkeypatch.setenv("CLIPFORGET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CLIPFORGET_CELLS_PER_TASK", raising=False)
+    cells = [Cell(*c.split("/")) for c in CELLS]
+    small = replace(SMALL, steps=5)
+    sized = heldout_blocks(small, {cells[0]: 20, cells[1]: 10, cells[2]: 10, cells[3]: 10}, cells)
+    blocks = [(asdict(small), CELLS, False), *[(asdict(cfg), [str(c) for c in block], True) for cfg, block in sized]]
+    inputs = {k: v for k, v in inputs.items() if k not in ("cells", "synthesis")}
+    with run_log_lines() as lines:
+        out = fill_blocks_twice.with_options(task_runner=ThreadPoolTaskRunner())(**inputs, blocks=blocks)
+    first, second = out["first"], out["second"]
+    assert [b["synthesized"] for b in first] == [4, 4, 1] and [b["synthesized"] for b in second] == [0, 0, 0]
+    done = [line for line in lines if "cell blocks synthesized in" in line]
+    assert len(done) == 1 and done[0].startswith("9 cell blocks")  # one task for the projection and the evidence
+    projection = load_prototypes(first[0]["paths"], small)
+    assert projection.images is None and len(projection.cells) == 4 * 2
+    heldout = load_prototypes(first[1]["paths"] + first[2]["paths"], sized[0][0])
+    assert heldout.images is not None and len(heldout.cells) == 5 * 10
+    assert not set(first[0]["paths"]) & set(first[1]["paths"])
+    # the synthesis time is split between the blocks by the images each one had synthesized
+    assert first[1]["seconds"] > first[0]["seconds"] > 0

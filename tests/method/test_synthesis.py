@@ -16,9 +16,10 @@ CELLS = [Cell("star", "sketch"), Cell("house", "photo"), Cell("circle", "cartoon
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_reproducible_and_independent_of_the_batch(toy, text_bank, precision):
-    """A cell's prototypes are the same bits whatever else is in the batch. Pinned to one thread and to each precision:
-    with one thread every kernel reduces in a fixed order on any CPU; with more, fp32 kernels split their reductions
-    by batch size (measured: up to 0.02 apart after 15 steps with 2 threads), so the bits then depend on the batch."""
+    """A cell's prototypes are the same bits in a small batch with other cells as alone. Pinned to one thread and to
+    each precision: with more, fp32 kernels split their reductions by batch size (measured: up to 0.02 apart after
+    15 steps with 2 threads). Even with one thread a much larger batch may run other kernels (36 images against 6:
+    about 1e-4 apart after 5 steps), so "the same bits" holds for batches of like size, not for any batch."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -214,8 +215,53 @@ def test_blocks_of_one_cell_share_a_batch_and_are_banked_under_their_own_keys(to
         assert not torch.allclose(first, alone, atol=1e-3)  # other images, not the first block again
         _, again = synthesize_blocks_with_bank(toy.model, targets, [(block0, CELLS[:2])], "0" * 64, bank)
         assert again.synthesized == [] and len(again.hits) == 2
-        with pytest.raises(ValueError, match="only in first_index"):
-            synthesize_blocks_with_bank(toy.model, targets, [(block0, CELLS), (replace(block1, seed=4), CELLS[:1])],
-                                        "0" * 64, bank)
+        for other in (replace(block1, steps=6), replace(block1, lr=0.1), replace(block1, target_cosine=0.5)):
+            with pytest.raises(ValueError, match="may differ only in seed, augment"):  # not one batch: refused
+                synthesize_blocks_with_bank(toy.model, targets, [(block0, CELLS), (other, CELLS[:1])], "0" * 64, bank)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_requests_projection_and_heldout_prototypes_share_a_batch_and_keep_their_own_bits(toy, text_bank, tmp_path):
+    """A cold data-free request needs the projection's prototypes and the gate's held-out ones, which differ in seed,
+    augmentation schedule, count and whether images are kept. Synthesized as one batch, each set has the images it has
+    alone, banked under its own key with or without images. (One image per batch, one thread: the same bits. Kernels
+    differ between batch sizes, so in larger batches the bits, and with them an image's stopping step, depend on how
+    many images share the batch; the test checks each image's own seed, augmentation and key.)"""
+    from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_blocks_with_bank
+    from clipforget.runner import heldout_blocks
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        projection = SynthesisConfig(prototypes_per_cell=2, steps=5, seed=3, precision="fp32", batch_size=1)
+        (held0, cells0), (held1, cells1) = heldout_blocks(projection, {CELLS[0]: 20, **dict.fromkeys(CELLS[1:], 10)},
+                                                          CELLS)
+        assert held0.seed != projection.seed and held0.augment_decay != projection.augment_decay
+        targets = dict(zip(CELLS, text_targets(text_bank, CELLS), strict=True))
+        bank = PrototypeBank(tmp_path)
+        paths, report = synthesize_blocks_with_bank(
+            toy.model, targets, [(projection, CELLS), (held0, cells0), (held1, cells1)], "0" * 64, bank,
+            [False, True, True])
+        assert len(report.synthesized) == len(CELLS) * 2 + len(cells1) and report.hits == []
+        proj = load_prototypes(paths[0], projection)
+        assert proj.images is None and len(proj.cells) == 2 * len(CELLS)  # the projection's files keep no images
+        held = load_prototypes(paths[1], held0)
+        assert held.images is not None and len(held.cells) == 10 * len(CELLS)
+        alone = synthesize(toy.model, text_targets(text_bank, CELLS), CELLS, projection)
+        assert torch.equal(proj.embeddings, alone.embeddings)
+        held_alone = synthesize(toy.model, text_targets(text_bank, CELLS), CELLS, held0, return_images=True)
+        assert torch.equal(held.images, held_alone.images)  # what the gate judges: the images, re-encoded there
+        # the stored embeddings are encoded with the images finished at the same time, a batch of another size
+        assert torch.allclose(held.embeddings, held_alone.embeddings, atol=1e-4)
+        second = synthesize(toy.model, text_targets(text_bank, cells1), cells1, held1).embeddings
+        assert torch.equal(load_prototypes(paths[2], held1).embeddings, second)
+        # the validation step of the same request then finds every held-out block in the bank
+        _, again = synthesize_blocks_with_bank(toy.model, targets, [(held0, cells0), (held1, cells1)], "0" * 64, bank,
+                                               True)
+        assert again.synthesized == [] and len(again.hits) == len(cells0) + len(cells1)
+        with pytest.raises(ValueError, match="agree on with_images"):
+            synthesize_blocks_with_bank(toy.model, targets, [(held0, cells0), (held0, cells0)], "0" * 64, bank,
+                                        [True, False])
     finally:
         torch.set_num_threads(threads)
