@@ -103,19 +103,21 @@ def unlearn_model(
     progress: Callable[[dict], None] | None = None,
     bank: PrototypeBank | None = None,
     fit_images: LabelledImages | None = None,
+    text: dict[Cell, torch.Tensor] | None = None,
 ) -> tuple[torch.nn.Module, Projection, list[Cell], list[Cell], Prototypes, dict[str, float]]:
     """Build the projection for a request and fold it into a copy of the model.
 
     With a `bank` (and a checkpoint digest), prototypes come from the bank and only missing cells are synthesized.
     With `fit_images` (labelled images of every cell of the grid) the projection is fitted on their embeddings
-    instead, and nothing is synthesized.
+    instead, and nothing is synthesized. `text`: the grid's prompt embeddings when the caller has them already.
     """
     templates = templates or TemplateSet()
     forget = forget_cells(grid, mode, classes, domains)
     retain = retain_cells(grid, forget)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates, grid.cells)
+    if text is None:
+        text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates, grid.cells)
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
     timings["text_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -163,19 +165,21 @@ def image_prototypes(loaded: LoadedModel, grid: Grid, images: LabelledImages, te
 
 def heldout_images(loaded: LoadedModel, grid: Grid, synthesis: SynthesisConfig, per_cell: int | Mapping[Cell, int],
                    templates: TemplateSet | None = None, progress: Callable[[dict], None] | None = None,
-                   bank: PrototypeBank | None = None) -> LabelledImages:
+                   bank: PrototypeBank | None = None, text: dict[Cell, torch.Tensor] | None = None) -> LabelledImages:
     """Fresh prototypes of the held-out generator (`heldout_config`) as images, for data-free validation: `per_cell`
     of every cell, or at least `per_cell[cell]` of each cell (`evidence_per_cell`), in blocks the bank shares across
     requests (a count that is a multiple of the block comes from the same blocks).
 
     The blocks are synthesized together, as one batch: a cell needing 20 adds its second block's 10 images to the
-    batch of everyone's first block rather than running them as a small batch of their own."""
-    text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates or TemplateSet(), grid.cells)
+    batch of everyone's first block rather than running them as a small batch of their own. `text`: the grid's prompt
+    embeddings when the caller has them already."""
+    if text is None:
+        text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates or TemplateSet(), grid.cells)
     blocks = heldout_blocks(synthesis, per_cell, grid.cells)
     if bank is None or not loaded.sha256:
-        rows = [(c, config.first_index) for config, block_cells in blocks for c in block_cells]
+        rows = [(c, config) for config, block_cells in blocks for c in block_cells]
         protos = synthesize(loaded.model, text_targets(text, [c for c, _ in rows]), [c for c, _ in rows], blocks[0][0],
-                            progress, return_images=True, first_indices=[i for _, i in rows])
+                            progress, return_images=True, configs=[config for _, config in rows])
     else:
         targets = dict(zip(grid.cells, text_targets(text, grid.cells), strict=True))
         paths, _ = synthesize_blocks_with_bank(loaded.model, targets, blocks, loaded.sha256, bank, True, progress)
@@ -215,28 +219,33 @@ def run_forget(
     need (`evidence_per_cell`)."""
     t0 = time.perf_counter()
     # fail on a bad request or a bad data folder before any costly work
-    forget_cells(grid, mode, classes, domains)
+    requested = forget_cells(grid, mode, classes, domains)
     if fit_data is not None and data is not None and Path(fit_data).resolve() == Path(data).resolve():
         raise ValueError(f"--fit-data and --data are the same folder ({fit_data}): the gate would judge the "
                          "projection on the images it was fitted on; give held-out images to --data")
     if data is not None:
         evalset = LabelledImages.from_folder(data, loaded.preprocess, grid)
     fitset = LabelledImages.from_folder(fit_data, loaded.preprocess, grid) if fit_data is not None else None
-    groups = [ForgetGroup(mode, tuple(forget_cells(grid, mode, classes, domains)))]
+    groups = [ForgetGroup(mode, tuple(requested))]
     held: int | dict[Cell, int] = (heldout_per_cell if heldout_per_cell is not None
                                    else evidence_per_cell(groups, grid.cells, thresholds))
+    t = time.perf_counter()
+    text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates or TemplateSet(), grid.cells)
+    text_s, t = time.perf_counter() - t, time.perf_counter()
     if data is None and fitset is None and bank is not None and loaded.sha256:
         # a cold request: the projection's prototypes and the gate's held-out ones as one batch, the held-out images
         # filling the slots the projection's leave as they finish; the steps below then find both in the bank
-        text = cell_text_embeddings(loaded.model, loaded.tokenizer, templates or TemplateSet(), grid.cells)
         blocks = [(synthesis, list(grid.cells)), *heldout_blocks(synthesis, held, grid.cells)]
         synthesize_blocks_with_bank(loaded.model, dict(zip(grid.cells, text_targets(text, grid.cells), strict=True)),
                                     blocks, loaded.sha256, bank, [False] + [True] * (len(blocks) - 1), progress)
+    prefetch_s = time.perf_counter() - t
     unlearned, projection, forget, retain, protos, timings = unlearn_model(
         loaded, grid, mode=mode, classes=classes, domains=domains, synthesis=synthesis, nullspace=nullspace,
-        templates=templates, progress=progress, bank=bank, fit_images=fitset)
+        templates=templates, progress=progress, bank=bank, fit_images=fitset, text=text)
+    timings["text_s"] += text_s  # the prompt embeddings were computed here, once for every step
+    timings["prototypes_s"] += prefetch_s  # and a cold request's prototypes synthesized, held-out ones included
     if data is None:
-        evalset = heldout_images(loaded, grid, synthesis, held, templates, progress, bank)
+        evalset = heldout_images(loaded, grid, synthesis, held, templates, progress, bank, text)
     t = time.perf_counter()
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
     before, after, probe = compare_models(classifier, loaded.model, unlearned, evalset, forget)

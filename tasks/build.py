@@ -87,12 +87,12 @@ def _local_checkpoint(checkpoint: str, sha256: str, checkpoint_uri: str | None =
 
 
 def _synthesis_worker(arch: str, checkpoint: str, sha256: str, checkpoint_uri: str | None, synthesis: dict,
-                      cells: list[str], how: str = "") -> tuple[SynthesisConfig, torch.nn.Module, dict]:
+                      cells: list[str], what: str = "") -> tuple[SynthesisConfig, torch.nn.Module, dict]:
     """A synthesis task's settings, model and where it runs ({host, pid, device}), logged as the task starts."""
     config = SynthesisConfig(**synthesis)
     model = loaded_model(arch, _local_checkpoint(checkpoint, sha256, checkpoint_uri), sha256).model
     where = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(next(model.parameters()).device)}
-    what = how or f"{len(cells)} cells x {config.prototypes_per_cell} prototypes"
+    what = what or f"{len(cells)} cells x {config.prototypes_per_cell} prototypes"
     get_run_logger().info("synthesizing %s on %s (%s, pid %d)", what, where["device"], where["host"], where["pid"])
     return config, model, where
 
@@ -112,9 +112,9 @@ def synthesize_into_bank(arch: str, checkpoint: str, sha256: str, blocks: list[d
     cells = [c for b in blocks for c in b["cells"]]
     configs = [(SynthesisConfig(**b["synthesis"]), parse_cells(b["cells"])) for b in blocks]
     images = sum(cfg.prototypes_per_cell * len(block_cells) for cfg, block_cells in configs)
-    how = (f"{len(cells)} cell blocks of {len(blocks)} settings ({images} images) as one batch" if len(blocks) > 1
-           else f"{len(cells)} cells x {configs[0][0].prototypes_per_cell} prototypes as one batch")
-    _, model, where = _synthesis_worker(arch, checkpoint, sha256, checkpoint_uri, blocks[0]["synthesis"], cells, how)
+    what = (f"{len(cells)} cell blocks of {len(blocks)} settings ({images} images) as one batch" if len(blocks) > 1
+            else f"{len(cells)} cells x {configs[0][0].prototypes_per_cell} prototypes as one batch")
+    _, model, where = _synthesis_worker(arch, checkpoint, sha256, checkpoint_uri, blocks[0]["synthesis"], cells, what)
     targets_of = {c: targets[str(c)] for _, block_cells in configs for c in block_cells}
     _, report = synthesize_blocks_with_bank(model, targets_of, configs, sha256, PrototypeBank(work_root() / "prototypes"),
                                             [bool(b.get("with_images")) for b in blocks], _progress_logger())

@@ -23,6 +23,7 @@ native bf16 it also measures the model (`measured_cpu_precision`): ViT-B-32 runs
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -298,7 +299,6 @@ def synthesize(
     progress: Progress | None = None,
     return_images: bool = False,
     on_cells_done: Callable[[Prototypes], object] | None = None,
-    first_indices: Sequence[int] | None = None,
     configs: Sequence[SynthesisConfig] | None = None,
 ) -> Prototypes:
     """Synthesize `config.prototypes_per_cell` prototypes for each cell.
@@ -307,32 +307,27 @@ def synthesize(
     used as it is (its device, eval mode) and left unchanged. `on_cells_done` receives the prototypes of
     each group of cells as soon as all their images are finished (to bank them before the rest is done:
     an interrupted run keeps what it finished). `progress` receives a dict about every `check_every` steps.
-    `first_indices[j]`, when given, is the index of cells[j]'s first image in place of `config.first_index`: blocks of
-    one cell's images (the held-out sets, `clipforget.runner.heldout_blocks`) then share one batch, a cell appearing
-    once per block, and `on_cells_done` receives each block's cells with their own `first_index` in the config (the
-    bank keys each block by it). Every image has its own seed, augmentation, noise and step schedule, so what else
-    shares the batch reaches it only through the kernels: a batch of another size may run other kernels (measured
-    with one thread: 6 and 12 images agree bit for bit, 36 do not, about 1e-4 apart in an embedding after 5 steps),
-    and over many steps such a difference can move an image's stopping step. The same missing cells give the same
-    bits; the same cell among other missing cells gives an equivalent draw, not the same bits.
-    `configs[j]`, when given, are cells[j]'s own settings (in place of `config` and `first_indices`); they may differ
-    from `config` only in the settings of each image (`PER_IMAGE_SETTINGS`: seed, augmentation, how many and which
-    images), so that a request's projection prototypes and the gate's held-out prototypes can share one batch;
-    `on_cells_done` then receives the cells of each distinct setting with that setting as their config. The returned
-    `Prototypes` carry `config` (resolved) whatever their entries' settings.
+    `configs[j]`, when given, are cells[j]'s own settings; they may differ from `config` only in the settings of each
+    image (`PER_IMAGE_SETTINGS`: seed, augmentation, how many and which images), so that blocks of one cell's images
+    (the held-out sets, `clipforget.runner.heldout_blocks`: a cell appears once per block, with its own `first_index`)
+    and a request's projection prototypes can share one batch; `on_cells_done` then receives the cells of each
+    distinct setting with that setting as their config (the bank keys each by it). Every image has its own seed,
+    augmentation, noise and step schedule, so what else shares the batch reaches it only through the kernels: a batch
+    of another size may run other kernels (measured with one thread: 6 and 12 images agree bit for bit, 36 do not,
+    about 1e-4 apart in an embedding after 5 steps), and over many steps such a difference can move an image's
+    stopping step. The same missing cells give the same bits; the same cell among other missing cells gives an
+    equivalent draw, not the same bits. The returned `Prototypes` carry `config` (resolved) whatever their entries'
+    settings.
     """
     if targets.shape[0] != len(cells):
         raise ValueError(f"{targets.shape[0]} targets for {len(cells)} cells")
     device = next(model.parameters()).device
     config = config.resolved(device, model)
     if configs is None:
-        starts = [config.first_index] * len(cells) if first_indices is None else [int(i) for i in first_indices]
-        if len(starts) != len(cells) or min(starts, default=0) < 0:
-            raise ValueError(f"first_indices must give an index >= 0 for each of the {len(cells)} cells")
-        cfgs = [replace(config, first_index=i) for i in starts]
+        cfgs = [config] * len(cells)
     else:
-        if first_indices is not None or len(configs) != len(cells):
-            raise ValueError(f"configs must give one setting for each of the {len(cells)} cells (and no first_indices)")
+        if len(configs) != len(cells):
+            raise ValueError(f"configs must give one setting for each of the {len(cells)} cells")
         cfgs = [c.resolved(device, model) for c in configs]
         if any(shared_settings(c) != shared_settings(config) for c in cfgs):
             raise ValueError("entries synthesized in one batch may differ only in "
@@ -341,7 +336,7 @@ def synthesize(
         raise ValueError("a cell appears twice with the same settings: its images would be synthesized twice")
     t0 = time.perf_counter()
     sizes = [c.prototypes_per_cell for c in cfgs]
-    offsets = [sum(sizes[:j]) for j in range(len(cells))]  # entry j's first row
+    offsets = [0, *itertools.accumulate(sizes)][:-1]  # entry j's first row
     rows = [(cell, j, cfgs[j].first_index + i) for j, cell in enumerate(cells) for i in range(sizes[j])]
     # per entry: the augmentation strength and how much of it fades with the step size
     aug_base = torch.tensor([c.augment for c in cfgs], dtype=torch.float32)
