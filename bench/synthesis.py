@@ -2,6 +2,7 @@
 
     python bench/synthesis.py --sweep --json runs/synthesis.json --markdown docs/BENCHMARKS.md
     python bench/synthesis.py --quick       # speed and convergence only (no end-to-end runs, no ViT-B-32)
+    python bench/synthesis.py --gpu-only --json runs/synthesis.json --markdown docs/BENCHMARKS.md   # a GPU's figures
 
 Every figure is printed next to the CPU capability (`torch.backends.cpu.get_cpu_capability()`) and whether
 the CPU has native bf16: a speed holds for the machine it was measured on. Run it alone: another torch
@@ -19,6 +20,10 @@ process on the same cores slows both far more than twice.
   the report, and the orchestration overhead (wall time outside the steps: interpreter and imports, Prefect's
   temporary server, the flow engine) as a fraction; and the floor of any command that runs a flow: a fresh
   process that imports what `clipforget unlearn` imports and runs an empty Prefect flow;
+- GPU (where torch sees one; `--gpu auto|on|off`, `--gpu-only` to add them to an earlier run's JSON): the same
+  synthesis loop for the toy model (batch 1024) and ViT-B-32 (batch 256) on the GPU, fp32 and bf16, as model FLOP
+  rate ÷ the same run's 8192² matmul rate of that precision, and ÷ the GPU's dense datasheet peak (the model FLOP
+  utilisation) where the GPU is one of `GPU_PEAK_TFLOPS`;
 - grids: synthesis cost of a cold request on the 10×4 toy grid (measured), and on the 7×4 PACS and
   345×6 DomainNet grids with ViT-B-32 (extrapolated from the measured ViT-B-32 image-step rate and the
   toy model's measured steps per prototype).
@@ -27,6 +32,7 @@ process on the same cores slows both far more than twice.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -48,14 +54,23 @@ from clipforget.method.prompts import TemplateSet
 from clipforget.method.synthesis import SynthesisConfig, hardware_summary, synthesize
 
 
-def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of an n×n matmul on this machine, now."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5,
+                device: torch.device | str = "cpu") -> float:
+    """GFLOP/s of an n×n matmul on `device`, now (torch's own settings: no TF32 for fp32 matmuls on a GPU)."""
+    device = torch.device(device)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(2):
         a @ b
+    _sync(device)
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    _sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
@@ -64,7 +79,7 @@ def flops_per_image_step(model, batch: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     size = image_size(model)
-    x = torch.rand(batch, 3, size, size, requires_grad=True)
+    x = torch.rand(batch, 3, size, size, device=next(model.parameters()).device, requires_grad=True)
     for p in model.parameters():
         p.requires_grad_(False)
     with FlopCounterMode(display=False) as counter:
@@ -93,6 +108,64 @@ def speed(name: str, model, targets, cells, batch: int, steps: int, fp32_matmul:
         print(f"{name:9s} {precision}: {s['image_steps_per_s']:.1f} image-steps/s, {gflops:.1f} GFLOP/s = "
               f"{gflops / fp32_matmul:.2f} of fp32 matmul", flush=True)
     return rows
+
+
+# Dense (no sparsity) datasheet peaks in TFLOP/s, fp32 without tensor cores and bf16 with them, for the model FLOP
+# utilisation against what the chip is rated for; the first name contained in torch.cuda.get_device_name() counts.
+# A GPU not named here is reported against its same-run matmul rate only.
+GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200 NVL", {"fp32": 60.0, "bf16": 835.0}),
+    ("H200", {"fp32": 67.0, "bf16": 989.4}),
+    ("H100 PCIe", {"fp32": 51.0, "bf16": 756.0}),
+    ("H100", {"fp32": 67.0, "bf16": 989.4}),
+    ("A100", {"fp32": 19.5, "bf16": 312.0}),
+)
+
+
+def datasheet_peak(name: str) -> dict[str, float] | None:
+    return next((peak for key, peak in GPU_PEAK_TFLOPS if key in name), None)
+
+
+def gpu_speed(device: torch.device | str, models: list[tuple[str, object, torch.Tensor, list, int]],
+              steps: int = 30, matmul_n: int = 8192) -> dict:
+    """The synthesis loop on a GPU: image-steps/s and model FLOP rate per model and precision, divided by the same
+    run's matmul rate of that precision on the same GPU (what the chip reaches on dense matrices, measured) and by the
+    datasheet peak where the GPU is known (`GPU_PEAK_TFLOPS`): the model FLOP utilisation. `models` holds
+    (name, model on `device`, targets, cells, batch)."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    mm = {"fp32": matmul_rate(torch.float32, matmul_n, 10, device),
+          "bf16": matmul_rate(torch.bfloat16, matmul_n, 10, device)}
+    peak = datasheet_peak(name)
+    print(f"{name}: matmul {matmul_n}²: fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s; datasheet peak "
+          f"{peak} TFLOP/s", flush=True)
+    rows = []
+    for label, model, targets, cells, batch in models:
+        flops = flops_per_image_step(model, 16)
+        for precision in ("fp32", "bf16"):
+            s = loop_speed(model, targets, cells, precision, batch, steps)
+            gflops = s["image_steps_per_s"] * flops / 1e9
+            rows.append({"model": label, "precision": precision, "batch": batch, **s,
+                         "gflop_per_image_step": flops / 1e9, "model_gflops": gflops,
+                         "fraction_of_same_precision_matmul": gflops / mm[precision],
+                         "mfu_of_datasheet_peak": gflops / (peak[precision] * 1e3) if peak else None})
+            print(f"{label:9s} {precision} on {name}: {s['image_steps_per_s']:.0f} image-steps/s, {gflops:.0f} "
+                  f"GFLOP/s = {gflops / mm[precision]:.2f} of the {precision} matmul"
+                  + (f", MFU {rows[-1]['mfu_of_datasheet_peak']:.1%} of the datasheet peak" if peak else ""), flush=True)
+    return {"device": name, "torch_cuda": torch.version.cuda, "matmul_n": matmul_n, "matmul_gflops": mm,
+            "datasheet_peak_tflops": peak, "steps": steps, "speed": rows}
+
+
+def gpu_models(device: torch.device, toy, grid, text) -> list[tuple[str, object, torch.Tensor, list, int]]:
+    """The toy model and ViT-B-32 at 224 px (random weights) on `device`, with their targets, cells and batch."""
+    import open_clip
+
+    toy_model = copy.deepcopy(toy.model).to(device)
+    vit, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+    vit = vit.to(device).eval()
+    vt = cell_text_embeddings(vit, open_clip.get_tokenizer("ViT-B-32"), TemplateSet(), grid.cells[:8])
+    return [("toy", toy_model, text_targets(text, grid.cells[:16]), grid.cells[:16], 1024),
+            ("ViT-B-32", vit, text_targets(vt, grid.cells[:8]), grid.cells[:8], 256)]
 
 
 def convergence(model, targets, cells, settings: SynthesisSettings) -> dict:
@@ -165,9 +238,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--end-to-end", action="store_true",
                     help="only the end-to-end runs, merged into the existing --json (the other figures kept)")
+    ap.add_argument("--gpu", default="auto", choices=["auto", "on", "off"],
+                    help="also measure the synthesis loop on the GPU (auto: when torch sees one)")
+    ap.add_argument("--gpu-only", action="store_true",
+                    help="only the GPU figures, merged into --json if it exists (the CPU figures kept)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
+    use_gpu = args.gpu == "on" or args.gpu_only or (args.gpu == "auto" and torch.cuda.is_available())
+    if use_gpu and not torch.cuda.is_available():
+        ap.error("--gpu on / --gpu-only: torch sees no CUDA device on this machine")
+    if args.gpu_only:
+        out = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
+        out["gpu"] = gpu_section()
+        if args.json:
+            write_json(args.json, out)
+        if args.markdown and {"speed", "convergence", "grids"} <= out.keys():
+            write_markdown(Path(args.markdown), out)
+        return
     if args.end_to_end:
         if not args.json or not Path(args.json).is_file():
             ap.error("--end-to-end merges into an existing --json file of an earlier full run")
@@ -207,10 +295,19 @@ def main() -> None:
         out["speed"] += speed("ViT-B-32", vit, text_targets(vt, grid.cells[:8]), grid.cells[:8], 8, 3, fp32_mm)
         out.update(end_to_end())
     out["grids"] = grid_costs(out, settings)
+    if use_gpu:
+        out["gpu"] = gpu_section()
     if args.json:
         write_json(args.json, out)
     if args.markdown:
         write_markdown(Path(args.markdown), out)
+
+
+def gpu_section(device: str = "cuda") -> dict:
+    toy = load_model("toy", device="cpu")
+    grid = resolve_grid("toy")
+    text = cell_text_embeddings(toy.model, toy.tokenizer, TemplateSet(), grid.cells)
+    return gpu_speed(torch.device(device), gpu_models(torch.device(device), toy, grid, text))
 
 
 # run in this order on one cache: the demo request cold; a request whose prototypes the demo banked (star's cells hold
@@ -362,11 +459,31 @@ def markdown(out: dict) -> str:
                       f"creates Prefect's database ({f.get('fresh_home_wall_s', float('nan')):.1f} s). Against a running "
                       "Prefect server (`PREFECT_API_URL` set) no temporary server starts."]
         lines.append("")
+    if "gpu" in out:
+        lines += gpu_markdown(out["gpu"])
     lines += ["### Cost as the grid grows (cold request: projection + held-out prototypes)", "",
               "| grid | model | cells | prototypes | image-steps | seconds | how |", "|---|---|---:|---:|---:|---:|---|"]
     lines += [f"| {g['grid']} | {g['model']} | {g['cells']} | {g['prototypes']} | {g['image_steps']:.0f} | "
               f"{g['seconds']:.0f} | {g['how']} |" for g in out["grids"]]
     return "\n".join(lines) + "\n"
+
+
+def gpu_markdown(g: dict) -> list[str]:
+    peak = g["datasheet_peak_tflops"]
+    lines = ["### On a GPU", "",
+             f"`python bench/synthesis.py --gpu-only --json runs/synthesis.json --markdown docs/BENCHMARKS.md` on "
+             f"**{g['device']}** (CUDA {g['torch_cuda']}). Same-run {g['matmul_n']}² matmul: fp32 "
+             f"{g['matmul_gflops']['fp32']:.0f} GFLOP/s, bf16 {g['matmul_gflops']['bf16']:.0f} GFLOP/s; datasheet "
+             "dense peak " + (f"fp32 {peak['fp32']:g}, bf16 {peak['bf16']:g} TFLOP/s." if peak else "not known for "
+                              "this GPU (the utilisation is against the same-run matmul only)."), "",
+             "| model | precision | batch | image-steps/s | model GFLOP/s | ÷ same-precision matmul "
+             "| MFU (÷ datasheet peak) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['precision']} | {r['batch']} | {r['image_steps_per_s']:.0f} | {r['model_gflops']:.0f} | "
+              f"{r['fraction_of_same_precision_matmul']:.2f} | "
+              + (f"{r['mfu_of_datasheet_peak']:.1%}" if r["mfu_of_datasheet_peak"] is not None else "—") + " |"
+              for r in g["speed"]]
+    return lines + [""]
 
 
 if __name__ == "__main__":
