@@ -333,6 +333,10 @@ def end_to_end() -> dict:
 FLOOR = """
 import time
 t0 = time.perf_counter()
+import atexit
+import flows.cli  # the console command: its exit skips the interpreter's module teardown (flows.cli.main)
+atexit.register(flows.cli._exit_without_teardown)
+flows.cli._status[0] = 0
 import flows.unlearn  # what `clipforget unlearn` imports before its flow starts
 import open_clip, torch  # noqa: F401  (loaded by the flow's first step)
 from prefect import flow
