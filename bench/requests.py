@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from clipforget.gate.criteria import FORGET_CELL_LIMIT, RETAIN_CELL_LIMIT
 from clipforget.gate.probe import residual_probe
 from clipforget.gate.verdict import ForgetGroup, Thresholds, cumulative_mode, evidence_per_cell, gate_checks
-from clipforget.io.atomic import write_json, write_text
+from clipforget.io.atomic import write_json, write_section, write_text
 from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
 from clipforget.io.checkpoints import load_model
 from clipforget.io.storage import cache_root
@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--recentre-seed", type=int, default=11, help="render seed of the re-centring images")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--results", default=None, metavar="FILE",
+                    help="also write the tables into FILE's request-benchmark section (docs/RESULTS.md), the rest kept")
     args = ap.parse_args()
 
     from clipforget.governance.request import SynthesisSettings
@@ -302,6 +304,8 @@ def main() -> None:
         write_json(args.json, out)
     if args.markdown:
         write_text(args.markdown, markdown(out))
+    if args.results:
+        write_section(args.results, RESULTS_SECTION, markdown(out).replace("# Request benchmark", "## Request benchmark", 1))
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -363,6 +367,9 @@ def _evidence(out: dict) -> str:
     if out["heldout_per_cell"] == "sized":
         return f"{what}, held-out prototypes sized per request from the gate's limits (10 or 20 per cell)"
     return f"{what}, held-out prototypes {out['heldout_per_cell']} per cell"
+
+
+RESULTS_SECTION = "bench/requests.py --results"  # the section of docs/RESULTS.md that --results writes
 
 
 def markdown(out: dict) -> str:
