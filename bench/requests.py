@@ -53,6 +53,15 @@ LINEAGE = [("global", ["star"], []), ("global", ["heart"], []), ("global", ["tre
            ("domain", ["house"], ["sketch"]), ("domain", ["circle"], ["painting"]), ("domain", ["arrow"], ["cartoon"])]
 
 
+def typed(current: object, text: str) -> object:
+    """`text` as a value of `current`'s type ("field=value" on the command line); a bool is true/false (or 1/0)."""
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    return type(current)(text)
+
+
 def request_set(grid, n_global: int = 12, n_domain: int = 15, seed: int = 0) -> list[tuple[str, list, list]]:
     """A fixed random set: global 1-3 classes, domain 1-3 cells, and each domain forgotten whole."""
     rng = random.Random(seed)
@@ -149,7 +158,7 @@ def main() -> None:
     held_n = args.heldout_per_cell or settings.heldout_per_cell  # None: sized per request from the gate's limits
 
     def overridden(base: SynthesisConfig, fields: str) -> SynthesisConfig:  # "FIELD=VALUE,..." on top of `base`
-        return replace(base, **{k: type(getattr(base, k))(v) for k, v in (f.split("=", 1) for f in fields.split(",") if f)})
+        return replace(base, **{k: typed(getattr(base, k), v) for k, v in (f.split("=", 1) for f in fields.split(",") if f)})
     policy_synth = settings.config("toy")
     synth = overridden(policy_synth, args.synthesis)
     held_block: list[int] = []  # the block of each held-out row
@@ -222,7 +231,7 @@ def main() -> None:
         cfg = default_config(cumulative_mode([g.mode for g in groups]), fit_on)
         if kind:  # "KIND[:field=value...]", e.g. margin:margin_weight=10
             name, *fields = kind.split(":")
-            over = {k: type(getattr(cfg, k))(v) for k, v in (f.split("=", 1) for f in fields)}
+            over = {k: typed(getattr(cfg, k), v) for k, v in (f.split("=", 1) for f in fields)}
             cfg = replace(cfg, kind=name, **over)  # type: ignore[arg-type]
         proj = fit_projection(forget, retain_cells(grid, forget), text, protos, cfg, rows_cls)
         rows, held_cells = evidence(groups)

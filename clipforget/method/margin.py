@@ -37,6 +37,27 @@ def _margins(h: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor) ->
     return true - other
 
 
+def _robust_margins_all(h: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor, P: torch.Tensor,
+                        radius: torch.Tensor) -> torch.Tensor:
+    """Per row of h, the smallest over every other class c of (s_y − s_c)(P h) − ε ‖∇ₕ (s_y − s_c)‖: the margin,
+    to first order, after the worst move of norm ε, against whichever class that move favours (the best other class
+    before the move is not always the one a rendered image of the cell falls to)."""
+    z = h @ P.T
+    n = z.norm(dim=-1, keepdim=True)
+    zh = z / n
+    s = zh @ classifier.T  # [N, C]
+    diff = s.gather(1, labels[:, None]) - s  # s_y − s_c, [N, C]
+    # ∇ₕ (s_y − s_c) = ((t_y − t_c) − (s_y − s_c) ẑ)ᵀ P / ‖z‖; its squared norm from Gram matrices ([N, C], not [N, C, d])
+    tp, zp = classifier @ P, zh @ P
+    gram, cross = tp @ tp.T, zp @ tp.T
+    y = labels[:, None]
+    gram_y = gram[labels]  # [N, C]: t_yP · t_cP
+    sq = (gram_y.gather(1, y) + gram.diagonal()[None, :] - 2 * gram_y
+          - 2 * diff * (cross.gather(1, y) - cross) + diff ** 2 * (zp * zp).sum(-1, keepdim=True))
+    robust = diff - radius[:, None] * sq.clamp_min(1e-18).sqrt() / n
+    return robust.scatter(1, y, float("inf")).min(1).values
+
+
 def _robust_margins(h: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor,
                     P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Margins of P h (rows) and the norm of their gradient with respect to h (against the best other class)."""
@@ -67,6 +88,7 @@ def margin_projection(
     retain_weights: torch.Tensor | None = None,
     retain_margin: float | None = None,
     retain_radius: float | torch.Tensor = 0.0,
+    robust_all_classes: bool = False,
 ) -> Projection:
     """Fit P [d, d] on forget/retain image embeddings (rows) with class labels and the zero-shot classifier.
 
@@ -99,7 +121,9 @@ def margin_projection(
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     for _ in range(steps):
         forget_loss = F.relu(margin + _margins(f @ P.T, t, fl)).mean()
-        if robust:
+        if robust and robust_all_classes:
+            mr = _robust_margins_all(r, t, rl, P, radius)
+        elif robust:
             mr, grad = _robust_margins(r, t, rl, P)
             mr = mr - radius * grad
         else:

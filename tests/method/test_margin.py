@@ -4,7 +4,7 @@
 import torch
 import torch.nn.functional as F
 
-from clipforget.method.margin import _margins, _robust_margins, margin_projection
+from clipforget.method.margin import _margins, _robust_margins, _robust_margins_all, margin_projection
 
 
 def _toy(seed: int = 0):
@@ -57,3 +57,25 @@ def test_retain_radius_widens_the_kept_margin_of_the_rows_given_one():
 
     assert worst(robust.P) > worst(plain.P)
     assert (_margins(forget @ robust.P.T, classifier, fl) < 0).all()
+
+
+def test_robust_margin_against_every_class_matches_autograd_per_class():
+    g = torch.Generator().manual_seed(3)  # four classes: the worst class under a move is not always the best other
+    retain = F.normalize(torch.randn(40, 8, generator=g, dtype=torch.float64), dim=-1)
+    rl = torch.randint(0, 4, (40,), generator=g)
+    classifier = F.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=-1)
+    P = torch.eye(8, dtype=torch.float64) + 0.1 * torch.randn(8, 8, generator=g, dtype=torch.float64)
+    assert torch.allclose(_robust_margins_all(retain, classifier, rl, P, torch.zeros(len(retain), dtype=torch.float64)),
+                          _margins(retain @ P.T, classifier, rl))
+    eps = 0.1
+    h = retain.clone().requires_grad_()
+    s = F.normalize(h @ P.T, dim=-1) @ classifier.T
+    per_class = []
+    for c in range(classifier.shape[0]):  # s_y − s_c − ε‖∇ₕ(s_y − s_c)‖, by autograd
+        diff = s.gather(1, rl[:, None]).squeeze(1) - s[:, c]
+        (grad,) = torch.autograd.grad(diff.sum(), h, retain_graph=True)
+        per_class.append(torch.where(rl == c, torch.inf, diff.detach() - eps * grad.norm(dim=-1)))
+    expected = torch.stack(per_class, 1).min(1).values
+    assert torch.allclose(_robust_margins_all(retain, classifier, rl, P, torch.full((len(retain),), eps,
+                                                                                    dtype=torch.float64)), expected)
+
