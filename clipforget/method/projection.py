@@ -47,9 +47,6 @@ class NullspaceConfig:
     same_domain_weight: float = 1.0
     # kind "margin": the radius within which a prototype of another class (not forgotten anywhere) keeps its margin
     other_class_radius: float = 0.0
-    # kind "margin": the retain prototypes of other classes weigh 1 + proximity_weight · closeness, where closeness
-    # runs from 0 (the cell whose prototype mean is farthest from every forgotten cell's) to 1 (the nearest)
-    proximity_weight: float = 0.0
     # kind "margin": a retain prototype held within a radius keeps its margin against every other class, not only
     # against the best other class where it stands
     robust_all_classes: bool = False
@@ -235,15 +232,6 @@ def fit_margin_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: 
     forget_classes, forget_domains = {c.cls for c in forget}, {c.domain for c in forget}
     rw = torch.tensor([config.same_class_weight if o.cls in forget_classes else
                        config.same_domain_weight if o.domain in forget_domains else 1.0 for o in owners])
-    if config.proximity_weight and retain:
-        fmeans = torch.nn.functional.normalize(torch.stack([protos.for_cell(c).mean(0) for c in forget]), dim=-1)
-        others = [c for c in retain if c.cls not in forget_classes]
-        if others:
-            near = {c: float((torch.nn.functional.normalize(protos.for_cell(c).mean(0), dim=-1) @ fmeans.T).max())
-                    for c in others}
-            lo, hi = min(near.values()), max(near.values())
-            rw = rw * torch.tensor([1.0 + config.proximity_weight * (near[o] - lo) / max(hi - lo, 1e-9)
-                                    if o in near else 1.0 for o in owners])
     radii = torch.tensor([config.same_class_radius if o.cls in forget_classes else config.other_class_radius
                           for o in owners], dtype=torch.float64)
     start = None
