@@ -93,16 +93,21 @@ def _alive(pid: int) -> bool:
             return False
 
 
+def flush_and_exit(code: int) -> None:
+    """Flush standard output and error, then end the process now with `code` (no exit hooks, no teardown)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001  (a closed pipe: nothing left to flush to)
+            pass
+    os._exit(code)
+
+
 def hard_stop(code: int | None = None) -> None:
     """End every child process and exit now (no waiting for worker threads)."""
     sig = _state["signal"] or signal.SIGTERM
     stop_children()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(code if code is not None else 128 + int(sig))
+    flush_and_exit(code if code is not None else 128 + int(sig))
 
 
 def _on_signal(signum: int) -> None:

@@ -33,15 +33,9 @@ def _exit_without_teardown() -> None:
     the modules of torch, MLflow and Prefect one object at a time, which took 2.8-3 s after every command that ran a
     flow (docs/BENCHMARKS.md). Files are written whole and closed where they are written; standard output and error
     are flushed here."""
-    import os
-    import sys
+    from flows.interrupt import flush_and_exit
 
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001  (a closed pipe: nothing left to flush to)
-            pass
-    os._exit(_status[0])
+    flush_and_exit(_status[0])
 
 
 def main() -> None:  # pragma: no cover
