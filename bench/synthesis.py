@@ -250,7 +250,8 @@ def main() -> None:
         ap.error("--gpu on / --gpu-only: torch sees no CUDA device on this machine")
     if args.gpu_only:
         out = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
-        out["gpu"] = gpu_section()
+        toy, grid = load_model("toy", device="cpu"), resolve_grid("toy")
+        out["gpu"] = gpu_section(toy, grid, cell_text_embeddings(toy.model, toy.tokenizer, TemplateSet(), grid.cells))
         if args.json:
             write_json(args.json, out)
         if args.markdown and {"speed", "convergence", "grids"} <= out.keys():
@@ -296,17 +297,14 @@ def main() -> None:
         out.update(end_to_end())
     out["grids"] = grid_costs(out, settings)
     if use_gpu:
-        out["gpu"] = gpu_section()
+        out["gpu"] = gpu_section(toy, grid, text)
     if args.json:
         write_json(args.json, out)
     if args.markdown:
         write_markdown(Path(args.markdown), out)
 
 
-def gpu_section(device: str = "cuda") -> dict:
-    toy = load_model("toy", device="cpu")
-    grid = resolve_grid("toy")
-    text = cell_text_embeddings(toy.model, toy.tokenizer, TemplateSet(), grid.cells)
+def gpu_section(toy, grid, text, device: str = "cuda") -> dict:
     return gpu_speed(torch.device(device), gpu_models(torch.device(device), toy, grid, text))
 
 
