@@ -38,6 +38,8 @@ def settings_key(config: SynthesisConfig) -> dict:
     key = {k: v for k, v in asdict(config.resolved(pick_device())).items() if k not in _NOT_IN_KEY}
     if not key["first_index"]:  # added later: a cell's first images key as before it existed
         del key["first_index"]
+    if not key["bn_prior"]:  # likewise: without the prior a prototype keys as before the setting existed
+        del key["bn_prior"]
     return key
 
 

@@ -38,17 +38,19 @@ def _margins(h: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor) ->
 
 
 def _robust_margins_all(h: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor, P: torch.Tensor,
-                        radius: torch.Tensor) -> torch.Tensor:
+                        radius: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
     """Per row of h, the smallest over every other class c of (s_y − s_c)(P h) − ε ‖∇ₕ (s_y − s_c)‖: the margin,
     to first order, after the worst move of norm ε, against whichever class that move favours (the best other class
-    before the move is not always the one a rendered image of the cell falls to)."""
+    before the move is not always the one a rendered image of the cell falls to). With `metric` S the move is S u,
+    ‖u‖ ≤ ε (an ellipsoid), and the gradient's norm is taken after S."""
     z = h @ P.T
     n = z.norm(dim=-1, keepdim=True)
     zh = z / n
     s = zh @ classifier.T  # [N, C]
     diff = s.gather(1, labels[:, None]) - s  # s_y − s_c, [N, C]
     # ∇ₕ (s_y − s_c) = ((t_y − t_c) − (s_y − s_c) ẑ)ᵀ P / ‖z‖; its squared norm from Gram matrices ([N, C], not [N, C, d])
-    tp, zp = classifier @ P, zh @ P
+    PS = P if metric is None else P @ metric
+    tp, zp = classifier @ PS, zh @ PS
     gram, cross = tp @ tp.T, zp @ tp.T
     y = labels[:, None]
     gram_y = gram[labels]  # [N, C]: t_yP · t_cP
@@ -59,7 +61,7 @@ def _robust_margins_all(h: torch.Tensor, classifier: torch.Tensor, labels: torch
 
 
 def _robust_margins(h: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor,
-                    P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    P: torch.Tensor, metric: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Margins of P h (rows) and the norm of their gradient with respect to h (against the best other class)."""
     z = h @ P.T
     n = z.norm(dim=-1, keepdim=True)
@@ -70,7 +72,7 @@ def _robust_margins(h: torch.Tensor, classifier: torch.Tensor, labels: torch.Ten
     best = others.argmax(1)
     other = others.gather(1, best[:, None]).squeeze(1)
     g = ((classifier[labels] - true[:, None] * zh) - (classifier[best] - other[:, None] * zh)) / n
-    return true - other, (g @ P).norm(dim=-1)
+    return true - other, (g @ (P if metric is None else P @ metric)).norm(dim=-1)
 
 
 def margin_projection(
@@ -89,12 +91,13 @@ def margin_projection(
     retain_margin: float | None = None,
     retain_radius: float | torch.Tensor = 0.0,
     robust_all_classes: bool = False,
+    radius_metric: torch.Tensor | None = None,
 ) -> Projection:
     """Fit P [d, d] on forget/retain image embeddings (rows) with class labels and the zero-shot classifier.
 
     Deterministic for given inputs (full-batch Adam from `start`, default the identity). With `retain_radius`
     ε > 0 (one value, or one per retain row) a retain row keeps its margin to first order for any perturbation
-    of norm ε of its embedding.
+    of norm ε of its embedding (with `radius_metric` S: any move S u, ‖u‖ ≤ ε, an ellipsoid).
     """
     if forget.ndim != 2 or retain.ndim != 2 or forget.shape[1] != retain.shape[1] != classifier.shape[1]:
         raise ValueError("forget, retain and classifier must be [n, d] with the same d")
@@ -113,6 +116,7 @@ def margin_projection(
     rw = rw * keep
     radius = torch.as_tensor(retain_radius, dtype=torch.float64).expand(len(r))
     robust = bool((radius > 0).any())
+    metric = None if radius_metric is None else radius_metric.double()
     P0 = (torch.eye(d, dtype=torch.float64) if start is None else start.double()).clone()
     P = P0.clone().requires_grad_()
     opt = torch.optim.Adam([P], lr=lr)
@@ -122,9 +126,9 @@ def margin_projection(
     for _ in range(steps):
         forget_loss = F.relu(margin + _margins(f @ P.T, t, fl)).mean()
         if robust and robust_all_classes:
-            mr = _robust_margins_all(r, t, rl, P, radius)
+            mr = _robust_margins_all(r, t, rl, P, radius, metric)
         elif robust:
-            mr, grad = _robust_margins(r, t, rl, P)
+            mr, grad = _robust_margins(r, t, rl, P, metric)
             mr = mr - radius * grad
         else:
             mr = _margins(r @ P.T, t, rl)

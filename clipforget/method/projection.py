@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
+from torch.nn.functional import normalize
 
 from clipforget.method.grid import Cell
 from clipforget.method.nullspace import Projection, hard_projection, soft_projection
@@ -50,6 +51,10 @@ class NullspaceConfig:
     # kind "margin": a retain prototype held within a radius keeps its margin against every other class, not only
     # against the best other class where it stands
     robust_all_classes: bool = False
+    # kind "margin": the shape of the region a retain prototype is held within. 0: a ball of the radius; 1: an
+    # ellipsoid shaped like the prototypes' spread within their cells (their pooled within-cell covariance, scaled to
+    # the ball's mean size), where rendered images deviate from their cell's prototypes; in between: a mix of the two
+    radius_spread: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -237,8 +242,30 @@ def fit_margin_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: 
     start = None
     if config.margin_start == "soft":
         start = fit_projection(forget, retain, text, protos, replace(config, kind="soft")).P
+    metric = spread_metric([*forget, *retain], protos, config.radius_spread) if config.radius_spread else None
     return margin_projection(f, fl, r, rl, rows, margin=config.margin, weight=config.margin_weight,
                              steps=config.margin_steps, retain_weights=rw, start=start,
                              retain_margin=config.retain_margin or None, retain_radius=radii,
-                             robust_all_classes=config.robust_all_classes)
+                             robust_all_classes=config.robust_all_classes, radius_metric=metric)
+
+
+def spread_metric(cells: Sequence[Cell], protos: Prototypes, mix: float) -> torch.Tensor:
+    """S [d, d], symmetric: the square root of (1 − mix)·I + mix·Σ, Σ the prototypes' pooled within-cell covariance
+    scaled to trace d. A move S u with ‖u‖ ≤ ε is the ellipsoid a retain prototype is held within (mix 0: the ball)."""
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"radius_spread must be within [0, 1], got {mix}")
+    dev = []
+    for cell in cells:
+        p = normalize(protos.for_cell(cell).double(), dim=-1)
+        if len(p) > 1:
+            dev.append(p - p.mean(0))
+    d = protos.embeddings.shape[1]
+    eye = torch.eye(d, dtype=torch.float64)
+    if not dev:
+        return eye
+    w = torch.cat(dev)
+    cov = w.T @ w
+    cov = (1 - mix) * eye + mix * cov * (d / cov.trace().clamp_min(1e-18))
+    vals, vecs = torch.linalg.eigh(cov)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 

@@ -179,6 +179,10 @@ class SynthesisConfig:
     # the index of a cell's first prototype (each image is seeded by seed, cell and index): prototypes_per_cell=10,
     # first_index=10 are the images 10-19 of prototypes_per_cell=20 (held-out prototypes come in such blocks)
     first_index: int = 0
+    # weight of a feature-statistics prior (DeepInversion-style, per image): each batch-norm layer's input, standardized
+    # by the layer's running statistics, should have mean 0 and mean square 1 over the image; 0: off. Only models
+    # with batch norm (the toy model, ResNet CLIPs) have such statistics; elsewhere the prior is absent
+    bn_prior: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prototypes_per_cell < 1 or self.steps < 1:
@@ -358,6 +362,19 @@ def synthesize(
     mean_cos = float("nan")
     last_report = t0
     autocast = config.precision == "bf16"
+    bn_inputs: list[torch.Tensor] = []
+    bn_layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.running_var is not None] \
+        if config.bn_prior > 0 else []
+
+    def bn_hook(module: torch.nn.Module, args: tuple) -> None:
+        bn_inputs.append((args[0].float() - module.running_mean[:, None, None])
+                         * torch.rsqrt(module.running_var[:, None, None] + module.eps))
+
+    def bn_loss() -> torch.Tensor:
+        """Per image: over the batch-norm layers, the mean over channels of mean² + (mean square − 1)²."""
+        per = [z.mean(dim=(2, 3)).pow(2).mean(1) + (z.pow(2).mean(dim=(2, 3)) - 1).pow(2).mean(1) for z in bn_inputs]
+        bn_inputs.clear()
+        return torch.stack(per).mean(0)
     channels_last = device.type == "cpu"  # about 1.7x faster convolutions on CPU (bench/synthesis.py)
 
     def images(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -428,9 +445,16 @@ def synthesize(
             base, decay = aug_base[entry], aug_decay[entry]
             strength = base * ((1 - decay) + decay * lr / config.lr)
             aug = _augment_params(slots.aug[live, t], strength).to(device)
-            emb = encode(_augment(x, aug, noise))
+            handles = [m.register_forward_pre_hook(bn_hook) for m in bn_layers]
+            try:
+                emb = encode(_augment(x, aug, noise))
+            finally:
+                for h in handles:
+                    h.remove()
             tgt = tgt_all[entry]
             loss = -(emb * tgt).sum()
+            if bn_layers:
+                loss = loss + config.bn_prior * bn_loss().sum()
             g_low, g_high = torch.autograd.grad(loss, [low, high])
             with torch.no_grad():
                 slots.t[live] += 1

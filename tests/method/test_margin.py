@@ -1,6 +1,7 @@
 """The margin-aware map (clipforget.method.margin): forget samples lose their class, retain samples keep it, and with
 `retain_radius` the flagged retain samples keep their margin in a ball around them, not only at the point."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -79,3 +80,53 @@ def test_robust_margin_against_every_class_matches_autograd_per_class():
     assert torch.allclose(_robust_margins_all(retain, classifier, rl, P, torch.full((len(retain),), eps,
                                                                                     dtype=torch.float64)), expected)
 
+
+
+def test_robust_margins_in_an_ellipsoid_match_autograd():
+    """With a metric S the move is S u, ‖u‖ ≤ ε: the margin drops by ε‖Sᵀ∇ₕ‖, against every class and against the best
+    other class alike; S = I is the ball."""
+    g = torch.Generator().manual_seed(5)
+    retain = F.normalize(torch.randn(30, 8, generator=g, dtype=torch.float64), dim=-1)
+    rl = torch.randint(0, 3, (30,), generator=g)
+    classifier = F.normalize(torch.randn(3, 8, generator=g, dtype=torch.float64), dim=-1)
+    P = torch.eye(8, dtype=torch.float64) + 0.1 * torch.randn(8, 8, generator=g, dtype=torch.float64)
+    A = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    S = A @ A.T / 8 + 0.1 * torch.eye(8, dtype=torch.float64)  # symmetric, positive definite
+    eps = torch.full((30,), 0.1, dtype=torch.float64)
+    h = retain.clone().requires_grad_()
+    s = F.normalize(h @ P.T, dim=-1) @ classifier.T
+    per_class = []
+    for c in range(3):
+        diff = s.gather(1, rl[:, None]).squeeze(1) - s[:, c]
+        (grad,) = torch.autograd.grad(diff.sum(), h, retain_graph=True)
+        per_class.append(torch.where(rl == c, torch.inf, diff.detach() - 0.1 * (grad @ S).norm(dim=-1)))
+    assert torch.allclose(_robust_margins_all(retain, classifier, rl, P, eps, S), torch.stack(per_class, 1).min(1).values)
+    assert torch.allclose(_robust_margins_all(retain, classifier, rl, P, eps, torch.eye(8, dtype=torch.float64)),
+                          _robust_margins_all(retain, classifier, rl, P, eps))
+    m, gnorm = _robust_margins(retain, classifier, rl, P, S)
+    auto = _margins(h @ P.T, classifier, rl)
+    (grad,) = torch.autograd.grad(auto.sum(), h)
+    assert torch.allclose(gnorm, (grad @ S).norm(dim=-1), atol=1e-10)
+
+
+def test_spread_metric_is_the_ball_at_zero_and_the_prototypes_spread_at_one():
+    from clipforget.method.grid import Cell
+    from clipforget.method.projection import spread_metric
+    from clipforget.method.synthesis import Prototypes, SynthesisConfig
+
+    g = torch.Generator().manual_seed(6)
+    cells = [Cell("a", "x"), Cell("b", "x")]
+    # every cell's prototypes spread along e0 only
+    emb = torch.zeros(8, 4, dtype=torch.float64)
+    emb[:, 1] = 1.0
+    emb[:4, 2] = 1.0
+    emb[:, 0] = 0.1 * torch.randn(8, generator=g, dtype=torch.float64)
+    protos = Prototypes(emb.float(), [cells[0]] * 4 + [cells[1]] * 4, torch.ones(8), torch.ones(8), 0.0,
+                        SynthesisConfig())
+    assert torch.allclose(spread_metric(cells, protos, 0.0), torch.eye(4, dtype=torch.float64))
+    S = spread_metric(cells, protos, 1.0)
+    assert torch.allclose(S, S.T)
+    assert float((S @ S).trace()) == pytest.approx(4.0)  # the ball's mean size
+    assert float(S[0, 0]) > 1.5 and float(S[3, 3]) == pytest.approx(0.0, abs=1e-6)  # long along e0, flat along e3
+    with pytest.raises(ValueError, match="radius_spread"):
+        spread_metric(cells, protos, 1.5)

@@ -265,3 +265,26 @@ def test_a_requests_projection_and_heldout_prototypes_share_a_batch_and_keep_the
                                         [True, False])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_feature_statistics_prior_keeps_each_image_independent_and_keys_only_when_on(toy, text_bank):
+    """`bn_prior` (docs/GATE.md: measured, not the default) pulls each image's batch-norm inputs toward the running
+    statistics: it changes the prototypes, still per image (a cell alone gives the same bits), and a prototype
+    synthesized without it keys in the bank as before the setting existed."""
+    from clipforget.io.bank import settings_key
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = SynthesisConfig(prototypes_per_cell=2, steps=5, seed=4, precision="fp32")
+        cfg = SynthesisConfig(prototypes_per_cell=2, steps=5, seed=4, precision="fp32", bn_prior=0.5)
+        targets = text_targets(text_bank, CELLS)
+        with_prior = synthesize(toy.model, targets, CELLS, cfg)
+        alone = synthesize(toy.model, targets[1:2], CELLS[1:2], cfg)
+        assert torch.equal(alone.embeddings, with_prior.for_cell(CELLS[1]))
+        assert not torch.allclose(with_prior.embeddings, synthesize(toy.model, targets, CELLS, base).embeddings,
+                                  atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+    assert "bn_prior" not in settings_key(base)
+    assert settings_key(cfg)["bn_prior"] == 0.5
