@@ -366,9 +366,10 @@ def synthesize(
     bn_layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.running_var is not None] \
         if config.bn_prior > 0 else []
 
-    def bn_hook(module: torch.nn.Module, args: tuple) -> None:
-        bn_inputs.append((args[0].float() - module.running_mean[:, None, None])
-                         * torch.rsqrt(module.running_var[:, None, None] + module.eps))
+    def bn_hook(module: torch.nn.BatchNorm2d, args: tuple) -> None:
+        mean, var = module.running_mean, module.running_var
+        assert mean is not None and var is not None  # bn_layers holds only layers with running statistics
+        bn_inputs.append((args[0].float() - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + module.eps))
 
     def bn_loss() -> torch.Tensor:
         """Per image: over the batch-norm layers, the mean over channels of mean² + (mean square − 1)²."""
