@@ -55,6 +55,9 @@ class NullspaceConfig:
     # ellipsoid shaped like the prototypes' spread within their cells (their pooled within-cell covariance, scaled to
     # the ball's mean size), where rendered images deviate from their cell's prototypes; in between: a mix of the two
     radius_spread: float = 0.0
+    # kind "margin": > 1 adds to each cell's prototypes a copy of them k times as far from the cell's mean (rendered
+    # images deviate from their cell's prototypes mostly along the directions the prototypes spread in); 0: none
+    spread_copies: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -227,6 +230,10 @@ def fit_margin_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: 
                 raise ValueError(f"no prototypes for cell {cell}")
             embs.append(p)
             owners += [cell] * len(p)
+            if config.spread_copies > 1 and len(p) > 1:  # the cell's prototypes again, k times as far from their mean
+                m = p.mean(0)
+                embs.append(normalize(m + config.spread_copies * (p - m), dim=-1))
+                owners += [cell] * len(p)
         return torch.cat(embs), torch.tensor([index[c.cls] for c in owners]), owners
 
     f, fl, _ = stack(forget)

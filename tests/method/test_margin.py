@@ -130,3 +130,30 @@ def test_spread_metric_is_the_ball_at_zero_and_the_prototypes_spread_at_one():
     assert float(S[0, 0]) > 1.5 and float(S[3, 3]) == pytest.approx(0.0, abs=1e-6)  # long along e0, flat along e3
     with pytest.raises(ValueError, match="radius_spread"):
         spread_metric(cells, protos, 1.5)
+
+
+def test_spread_copies_hold_the_retain_margin_farther_out():
+    """`spread_copies` k fits on each cell's prototypes and on a copy of them k times as far from the cell's mean: the
+    kept cells then keep their class over that wider spread, not only at the prototypes."""
+    from dataclasses import replace
+
+    from clipforget.method.grid import Cell
+    from clipforget.method.projection import NullspaceConfig, fit_projection
+    from clipforget.method.synthesis import Prototypes, SynthesisConfig
+
+    forget, _, retain, rl, classifier = _toy()
+    cells = [Cell("c0", "A"), Cell("c0", "B"), Cell("c1", "A"), Cell("c1", "B")]
+    emb = torch.cat([forget, retain]).float()
+    owners = [c for c in cells for _ in range(12)]
+    protos = Prototypes(emb, owners, torch.ones(48), torch.ones(48), 0.0, SynthesisConfig())
+    cfg = NullspaceConfig(kind="margin", margin=0.3, margin_weight=100.0, margin_steps=200, retain_margin=1.0)
+    text = {c: torch.zeros(8) for c in cells}
+    plain = fit_projection(cells[:1], cells[1:], text, protos, cfg, (["c0", "c1"], classifier))
+    wide = fit_projection(cells[:1], cells[1:], text, protos, replace(cfg, spread_copies=3.0), (["c0", "c1"], classifier))
+
+    def worst_far(P: torch.Tensor) -> float:  # the kept cells' prototypes three times as far from their means
+        far = torch.cat([F.normalize(m + 3 * (x - m), dim=-1) for x in retain.split(12) for m in [x.mean(0)]])
+        return float(_margins(far @ P.T.double(), classifier, rl).min())
+
+    assert worst_far(wide.P) > worst_far(plain.P)
+    assert (_margins(forget @ wide.P.T.double(), classifier, torch.zeros(12, dtype=torch.long)) < 0).all()
