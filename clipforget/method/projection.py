@@ -58,6 +58,9 @@ class NullspaceConfig:
     # kind "margin": > 1 adds to each cell's prototypes a copy of them k times as far from the cell's mean (rendered
     # images deviate from their cell's prototypes mostly along the directions the prototypes spread in); 0: none
     spread_copies: float = 0.0
+    # kind "margin": > 0 adds, for each retain cell sharing a domain or a class with a forgotten cell, its prototypes
+    # moved this share of the way toward the forgotten cell's (kept samples near the boundary the map moves)
+    boundary_mix: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -239,6 +242,8 @@ def fit_margin_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: 
     f, fl, _ = stack(forget)
     if retain:
         r, rl, owners = stack(retain)
+        if config.boundary_mix > 0:
+            r, rl, owners = _with_boundary_copies(forget, retain, protos, config.boundary_mix, index, r, rl, owners)
     else:
         r, rl, owners = f[:0], fl[:0], []
     forget_classes, forget_domains = {c.cls for c in forget}, {c.domain for c in forget}
@@ -254,6 +259,27 @@ def fit_margin_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: 
                              steps=config.margin_steps, retain_weights=rw, start=start,
                              retain_margin=config.retain_margin or None, retain_radius=radii,
                              robust_all_classes=config.robust_all_classes, radius_metric=metric)
+
+
+def _with_boundary_copies(forget: Sequence[Cell], retain: Sequence[Cell], protos: Prototypes, mix: float,
+                          index: dict[str, int], r: torch.Tensor, rl: torch.Tensor,
+                          owners: list[Cell]) -> tuple[torch.Tensor, torch.Tensor, list[Cell]]:
+    """The retain set and, for each retain cell sharing a domain or a class with a forgotten cell, its prototypes moved
+    `mix` of the way toward that forgotten cell's (labelled with the retain cell's class): kept samples near the
+    boundary a forgetting map moves, where images of the kept cell with small margins lie."""
+    extra, extra_owners = [r], list(owners)
+    forgotten = {c.cls for c in forget}
+    for cell in retain:
+        p = protos.for_cell(cell)
+        for fc in forget:
+            if fc.domain != cell.domain or cell.cls in forgotten:  # other classes of a forgotten cell's domain
+                continue
+            q = protos.for_cell(fc)
+            k = min(len(p), len(q))
+            extra.append(normalize((1 - mix) * p[:k] + mix * q[:k], dim=-1))
+            extra_owners += [cell] * k
+    labels = torch.tensor([index[c.cls] for c in extra_owners])
+    return torch.cat(extra), labels, extra_owners
 
 
 def spread_metric(cells: Sequence[Cell], protos: Prototypes, mix: float) -> torch.Tensor:

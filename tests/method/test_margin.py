@@ -157,3 +157,24 @@ def test_spread_copies_hold_the_retain_margin_farther_out():
 
     assert worst_far(wide.P) > worst_far(plain.P)
     assert (_margins(forget @ wide.P.T.double(), classifier, torch.zeros(12, dtype=torch.long)) < 0).all()
+
+
+def test_boundary_copies_are_the_other_classes_of_the_forgotten_domain_moved_toward_the_forgotten_cell():
+    """`boundary_mix` a adds, for each cell of another class in a forgotten cell's domain, its prototypes moved a of the
+    way toward the forgotten cell's, labelled with their own class; the forgotten class's kept cells and the cells of
+    other domains get none."""
+    from clipforget.method.grid import Cell
+    from clipforget.method.projection import _with_boundary_copies
+    from clipforget.method.synthesis import Prototypes, SynthesisConfig
+
+    forget, _, retain, rl, _ = _toy()
+    cells = [Cell("c0", "A"), Cell("c0", "B"), Cell("c1", "A"), Cell("c1", "B")]
+    protos = Prototypes(torch.cat([forget, retain]).float(), [c for c in cells for _ in range(12)], torch.ones(48),
+                        torch.ones(48), 0.0, SynthesisConfig())
+    owners = [c for c in cells[1:] for _ in range(12)]
+    r, labels, out_owners = _with_boundary_copies(cells[:1], cells[1:], protos, 0.3, {"c0": 0, "c1": 1},
+                                                  retain.float(), rl, owners)
+    assert len(r) == 36 + 12 and out_owners[36:] == [Cell("c1", "A")] * 12
+    assert torch.equal(labels[36:], torch.ones(12, dtype=torch.long)) and torch.equal(labels[:36], rl)
+    expected = F.normalize(0.7 * retain[12:24].float() + 0.3 * forget.float(), dim=-1)
+    assert torch.allclose(r[36:], expected, atol=1e-6)
