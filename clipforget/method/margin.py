@@ -92,6 +92,7 @@ def margin_projection(
     retain_radius: float | torch.Tensor = 0.0,
     robust_all_classes: bool = False,
     radius_metric: torch.Tensor | None = None,
+    conformal: float = 0.0,
 ) -> Projection:
     """Fit P [d, d] on forget/retain image embeddings (rows) with class labels and the zero-shot classifier.
 
@@ -134,6 +135,9 @@ def margin_projection(
             mr = _margins(r @ P.T, t, rl)
         retain_loss = (F.relu(r_target - mr) * rw).sum() / rw.sum().clamp(min=1)
         loss = ((P - P0) ** 2).sum() + weight * (forget_loss + retain_loss)
+        if conformal:  # how far P is from a scaled rotation, which changes no angle between embeddings
+            gram = P.T @ P
+            loss = loss + conformal * ((gram - gram.diagonal().mean() * torch.eye(d, dtype=gram.dtype)) ** 2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()

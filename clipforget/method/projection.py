@@ -61,6 +61,10 @@ class NullspaceConfig:
     # kind "margin": > 0 adds, for each retain cell sharing a domain or a class with a forgotten cell, its prototypes
     # moved this share of the way toward the forgotten cell's (kept samples near the boundary the map moves)
     boundary_mix: float = 0.0
+    # kind "margin": weight of ‖PᵀP − s I‖² (s the mean of PᵀP's diagonal): how far the map is from a scaled rotation,
+    # which moves every angle between embeddings alike (a steep map turns the small gap between images and prototypes
+    # into flips); 0: off
+    conformal_weight: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -258,7 +262,8 @@ def fit_margin_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: 
     return margin_projection(f, fl, r, rl, rows, margin=config.margin, weight=config.margin_weight,
                              steps=config.margin_steps, retain_weights=rw, start=start,
                              retain_margin=config.retain_margin or None, retain_radius=radii,
-                             robust_all_classes=config.robust_all_classes, radius_metric=metric)
+                             robust_all_classes=config.robust_all_classes, radius_metric=metric,
+                             conformal=config.conformal_weight)
 
 
 def _with_boundary_copies(forget: Sequence[Cell], retain: Sequence[Cell], protos: Prototypes, mix: float,

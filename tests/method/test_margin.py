@@ -178,3 +178,16 @@ def test_boundary_copies_are_the_other_classes_of_the_forgotten_domain_moved_tow
     assert torch.equal(labels[36:], torch.ones(12, dtype=torch.long)) and torch.equal(labels[:36], rl)
     expected = F.normalize(0.7 * retain[12:24].float() + 0.3 * forget.float(), dim=-1)
     assert torch.allclose(r[36:], expected, atol=1e-6)
+
+
+def test_conformal_weight_keeps_the_map_closer_to_a_scaled_rotation():
+    forget, fl, retain, rl, classifier = _toy()
+    kw = dict(margin=0.3, weight=100.0, steps=200, retain_margin=1.0)
+
+    def off_conformal(P: torch.Tensor) -> float:
+        gram = P.T @ P
+        return float((gram - gram.diagonal().mean() * torch.eye(8, dtype=gram.dtype)).norm())
+
+    plain = margin_projection(forget, fl, retain, rl, classifier, **kw)
+    held = margin_projection(forget, fl, retain, rl, classifier, conformal=30.0, **kw)
+    assert off_conformal(held.P) < 0.5 * off_conformal(plain.P)
