@@ -65,6 +65,9 @@ class NullspaceConfig:
     # which moves every angle between embeddings alike (a steep map turns the small gap between images and prototypes
     # into flips); 0: off
     conformal_weight: float = 0.0
+    # kind "margin": the radius of the other classes' prototypes in a forgotten cell's domain, where most collateral on
+    # images falls; 0: the other-class radius
+    same_domain_radius: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -253,8 +256,9 @@ def fit_margin_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: 
     forget_classes, forget_domains = {c.cls for c in forget}, {c.domain for c in forget}
     rw = torch.tensor([config.same_class_weight if o.cls in forget_classes else
                        config.same_domain_weight if o.domain in forget_domains else 1.0 for o in owners])
-    radii = torch.tensor([config.same_class_radius if o.cls in forget_classes else config.other_class_radius
-                          for o in owners], dtype=torch.float64)
+    radii = torch.tensor([config.same_class_radius if o.cls in forget_classes else
+                          config.same_domain_radius if o.domain in forget_domains and config.same_domain_radius else
+                          config.other_class_radius for o in owners], dtype=torch.float64)
     start = None
     if config.margin_start == "soft":
         start = fit_projection(forget, retain, text, protos, replace(config, kind="soft")).P
