@@ -256,9 +256,7 @@ def fit_margin_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: 
     forget_classes, forget_domains = {c.cls for c in forget}, {c.domain for c in forget}
     rw = torch.tensor([config.same_class_weight if o.cls in forget_classes else
                        config.same_domain_weight if o.domain in forget_domains else 1.0 for o in owners])
-    radii = torch.tensor([config.same_class_radius if o.cls in forget_classes else
-                          config.same_domain_radius if o.domain in forget_domains and config.same_domain_radius else
-                          config.other_class_radius for o in owners], dtype=torch.float64)
+    radii = retain_radii(forget, owners, config)
     start = None
     if config.margin_start == "soft":
         start = fit_projection(forget, retain, text, protos, replace(config, kind="soft")).P
@@ -268,6 +266,16 @@ def fit_margin_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: 
                              retain_margin=config.retain_margin or None, retain_radius=radii,
                              robust_all_classes=config.robust_all_classes, radius_metric=metric,
                              conformal=config.conformal_weight)
+
+
+def retain_radii(forget: Sequence[Cell], owners: Sequence[Cell], config: NullspaceConfig) -> torch.Tensor:
+    """The radius each retain row (of cell `owners[i]`) keeps its margin within: the forgotten classes' kept cells
+    `same_class_radius`; the other classes `other_class_radius`, or `same_domain_radius` (when set) in a forgotten
+    cell's domain."""
+    classes, domains = {c.cls for c in forget}, {c.domain for c in forget}
+    return torch.tensor([config.same_class_radius if o.cls in classes else
+                         config.same_domain_radius if o.domain in domains and config.same_domain_radius else
+                         config.other_class_radius for o in owners], dtype=torch.float64)
 
 
 def _with_boundary_copies(forget: Sequence[Cell], retain: Sequence[Cell], protos: Prototypes, mix: float,

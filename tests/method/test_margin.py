@@ -191,3 +191,15 @@ def test_conformal_weight_keeps_the_map_closer_to_a_scaled_rotation():
     plain = margin_projection(forget, fl, retain, rl, classifier, **kw)
     held = margin_projection(forget, fl, retain, rl, classifier, conformal=30.0, **kw)
     assert off_conformal(held.P) < 0.5 * off_conformal(plain.P)
+
+
+def test_retain_radii_by_class_and_domain():
+    from clipforget.method.grid import Cell
+    from clipforget.method.projection import NullspaceConfig, retain_radii
+
+    forget = [Cell("star", "sketch")]
+    owners = [Cell("star", "photo"), Cell("heart", "sketch"), Cell("heart", "photo")]
+    cfg = NullspaceConfig(kind="margin", same_class_radius=0.05, other_class_radius=0.1)
+    assert retain_radii(forget, owners, cfg).tolist() == [0.05, 0.1, 0.1]
+    cfg = NullspaceConfig(kind="margin", same_class_radius=0.05, other_class_radius=0.1, same_domain_radius=0.2)
+    assert retain_radii(forget, owners, cfg).tolist() == [0.05, 0.2, 0.1]
