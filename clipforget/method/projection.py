@@ -58,8 +58,8 @@ class NullspaceConfig:
     # kind "margin": > 1 adds to each cell's prototypes a copy of them k times as far from the cell's mean (rendered
     # images deviate from their cell's prototypes mostly along the directions the prototypes spread in); 0: none
     spread_copies: float = 0.0
-    # kind "margin": > 0 adds, for each retain cell sharing a domain or a class with a forgotten cell, its prototypes
-    # moved this share of the way toward the forgotten cell's (kept samples near the boundary the map moves)
+    # kind "margin": > 0 adds, for each cell of another class in a forgotten cell's domain, its prototypes moved this
+    # share of the way toward the forgotten cell's (kept samples near the boundary the map moves)
     boundary_mix: float = 0.0
     # kind "margin": weight of ‖PᵀP − s I‖² (s the mean of PᵀP's diagonal): how far the map is from a scaled rotation,
     # which moves every angle between embeddings alike (a steep map turns the small gap between images and prototypes
@@ -281,7 +281,7 @@ def retain_radii(forget: Sequence[Cell], owners: Sequence[Cell], config: Nullspa
 def _with_boundary_copies(forget: Sequence[Cell], retain: Sequence[Cell], protos: Prototypes, mix: float,
                           index: dict[str, int], r: torch.Tensor, rl: torch.Tensor,
                           owners: list[Cell]) -> tuple[torch.Tensor, torch.Tensor, list[Cell]]:
-    """The retain set and, for each retain cell sharing a domain or a class with a forgotten cell, its prototypes moved
+    """The retain set and, for each retain cell of another class in a forgotten cell's domain, its prototypes moved
     `mix` of the way toward that forgotten cell's (labelled with the retain cell's class): kept samples near the
     boundary a forgetting map moves, where images of the kept cell with small margins lie."""
     extra, extra_owners = [r], list(owners)
