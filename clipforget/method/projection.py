@@ -73,10 +73,10 @@ class NullspaceConfig:
         return asdict(self)
 
 
-# Defaults per mode. `global` and `domain` refine the soft projection (settings chosen on the validation
-# renders, seeds 1 and 5, by `python bench/results.py --tune`) with the margin-aware map: every forget prototype
-# must lose its class by 0.3 in cosine, every retain prototype keep its own margin, margin terms weighted 100
-# (chosen with `python bench/requests.py --render-seed 1 --kinds margin:margin=0.3,...` over 31 requests;
+# Defaults per mode. `global` refines the soft projection (settings chosen on the validation renders, seeds 1 and 5,
+# by `python bench/results.py --tune`; `domain` now starts from the identity, below) with the margin-aware map:
+# every forget prototype must lose its class by 0.3 in cosine, every retain prototype keep its own margin, margin
+# terms weighted 100 (chosen with `python bench/requests.py --render-seed 1 --kinds margin:margin=0.3,...` over 31 requests;
 # docs/REQUESTS.md): on validation images global requests met their targets 12 of 12 times (soft alone: 5;
 # margin 0.1 weight 30: 9; margin 0.2: 10), domain requests 9 of 15 (soft alone: 5).
 # Text columns weigh little (0.1-0.3): in the retain set they over-protect directions images do not use.
