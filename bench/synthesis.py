@@ -325,7 +325,51 @@ def end_to_end() -> dict:
         for label, request in END_TO_END.items():
             out[label] = unlearn_run(work / "cache", work, request)
             print(f"{label} unlearn: {out[label]}", flush=True)
+        out["in_process"] = in_process_runs(work / "cache", work)
+        print(f"in one process: {out['in_process']}", flush=True)
     return out
+
+
+# after END_TO_END, on the same cache and MLflow store: one Python process calls the `unlearn` flow as a notebook or
+# a service would; the first call (the demo request again: already registered) starts Prefect's temporary server and
+# MLflow's store, the next two are warm requests (their prototypes are in the bank) the process has not run before
+IN_PROCESS = [("first call (repeat)", {"mode": "global", "classes": ["star"]}),
+              ("warm", {"mode": "domain", "classes": ["star"], "domains": ["photo"]}),
+              ("warm", {"mode": "domain", "classes": ["heart"], "domains": ["cartoon"]})]
+
+IN_PROCESS_SCRIPT = """
+import json, sys, time
+from clipforget.governance.request import UnlearnRequest
+from flows.unlearn import unlearn
+for i, fields in enumerate(json.loads(sys.argv[1])):
+    report = f"{sys.argv[2]}/in-process-{i}.json"
+    t = time.perf_counter()
+    unlearn(UnlearnRequest(arch="toy", **fields), report, return_state=True)
+    print("WALL", i, time.perf_counter() - t, flush=True)
+"""
+
+
+def in_process_runs(cache: Path, workdir: Path) -> list[dict]:
+    """IN_PROCESS's requests through the `unlearn` flow in one Python process (Prefect's defaults, its temporary
+    server): each call's wall time, its report's step timings and the time outside them."""
+    env = {**os.environ, "CLIPFORGET_CACHE": str(cache), "MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db",
+           "PREFECT_HOME": str(workdir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-c", IN_PROCESS_SCRIPT, json.dumps([f for _, f in IN_PROCESS]),
+                           str(workdir)], env=env, cwd=workdir, capture_output=True, text=True)
+    walls = {int(i): float(w) for _, i, w in (line.split() for line in proc.stdout.splitlines() if line.startswith("WALL"))}
+    if proc.returncode != 0 or len(walls) != len(IN_PROCESS):
+        raise RuntimeError(f"the in-process runs failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    rows = []
+    for i, (label, fields) in enumerate(IN_PROCESS):
+        r = json.loads((workdir / f"in-process-{i}.json").read_text())
+        steps = {k: v for k, v in r.get("timings", {}).items() if k != "total_s"}
+        inside = sum(steps.values())
+        request = " ".join(f"--{k} {','.join(v) if isinstance(v, list) else v}" for k, v in fields.items())
+        rows.append({"label": label, "request": request, "wall_s": walls[i], "steps": steps,
+                     "outside_steps_s": walls[i] - inside, "overhead_fraction": (walls[i] - inside) / walls[i],
+                     "passed": r.get("passed"), "reused": bool(r.get("reused"))})
+    return rows
 
 
 FLOOR = """
@@ -452,6 +496,15 @@ def markdown(out: dict) -> str:
                 request = r.get("request", f"--mode global --classes {r.get('classes', 'star')}")
                 lines.append(f"| {label} | `{request}` | {r['wall_s']:.1f} | "
                              f"{steps} | {r['outside_steps_s']:.1f} | {r['overhead_fraction']:.0%} |")
+        if "in_process" in out:
+            lines += ["", "The same store and bank, then one Python process calling the `unlearn` flow (`flows.unlearn."
+                      "unlearn(UnlearnRequest(...))`, as a notebook or a service would, with Prefect's defaults):", "",
+                      "| call | request | wall (s) | steps (s) | outside the steps (s) | overhead |",
+                      "|---|---|---:|---|---:|---:|"]
+            for r in out["in_process"]:
+                steps = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in r["steps"].items()) or "none"
+                lines.append(f"| {r['label']} | `{r['request']}` | {r['wall_s']:.1f} | {steps} | "
+                             f"{r['outside_steps_s']:.1f} | {r['overhead_fraction']:.0%} |")
         if "floor" in out:
             f = out["floor"]
             lines += ["", f"The floor of any command that runs a flow, measured in a fresh process: {f['wall_s']:.1f} s "

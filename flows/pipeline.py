@@ -184,9 +184,12 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
                        data_uri=policy.data_uri)
     step("validate", t)
     # pictures: before/after heatmap and a prototype strip of the forgotten cells (tasks/pictures.py)
+    t = time.perf_counter()
     pictures = draw_pictures(build.version_id, policy.arch, base, text, grid_dict, table=verdict["cells"],
                              forget=cell_names(forget), synthesis=asdict(synthesis), out_dir=str(run_dir / "pictures"),
                              heldout=heldout, cells=cells) if register else None
+    if pictures:
+        step("pictures", t)
 
     report = {
         "request_id": build.version_id,

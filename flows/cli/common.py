@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +185,22 @@ def prefect_ready() -> None:
 
     if _server_start is not None:
         _server_start.join()
+
+
+@contextlib.contextmanager
+def local_flow_run() -> Iterator[None]:
+    """Around a command's flow call: `prefect_ready`, and on the command's own temporary server no flow-run
+    heartbeats. They let a lasting server mark a crashed run; the temporary server ends with the command, and each
+    flow run waited up to a second at its end for the heartbeat thread's sleep (docs/BENCHMARKS.md). Against a
+    running server (`PREFECT_API_URL`) Prefect's settings apply unchanged."""
+    prefect_ready()
+    if _server_start is None:
+        yield
+        return
+    from prefect.settings import temporary_settings
+
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+        yield
 
 
 DATA_FREE_NOTE = ("note: judged data-free, on held-out prototypes rather than images; --data DIR (or a policy's data_uri) "

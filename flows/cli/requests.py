@@ -16,6 +16,7 @@ from flows.cli.common import (
     fitted_on_images,
     grid_of,
     load_model_json,
+    local_flow_run,
     offline_prefect,
     prefect_ready,
     report_of,
@@ -78,8 +79,8 @@ def request_submit(
 
     json_out = json_out or Path("runs") / f"request-{request.request_id}.json"
     json_out.unlink(missing_ok=True)
-    prefect_ready()
-    state = deletion_request(request, policy, location, promote, str(json_out), return_state=True)
+    with local_flow_run():
+        state = deletion_request(request, policy, location, promote, str(json_out), return_state=True)
     report = report_of(json_out, state)
     reg = report.get("registered")
     if report.get("passed") and reg:

@@ -26,8 +26,8 @@ from flows.cli.common import (
     fitted_on_images,
     grid_of,
     load_model_json,
+    local_flow_run,
     offline_prefect,
-    prefect_ready,
     report_of,
     user_errors,
 )
@@ -108,8 +108,8 @@ def unlearn_cmd(
 
     json_out = json_out or Path("runs") / f"unlearn-{request.request_id}.json"
     json_out.unlink(missing_ok=True)  # a report from an earlier run of this request must not pass for this one
-    prefect_ready()
-    state = unlearn(request, str(json_out), return_state=True)
+    with local_flow_run():
+        state = unlearn(request, str(json_out), return_state=True)
     if not json_out.is_file():
         typer.echo(f"error: the flow ended {state.type.value} before a report: {state.message}", err=True)
         raise typer.Exit(1)
@@ -148,8 +148,8 @@ def govern_cmd(
 
     json_out = json_out or Path("runs") / "governance.json"
     json_out.unlink(missing_ok=True)
-    prefect_ready()
-    state = governance(policy, ledger, promote, str(json_out), return_state=True)
+    with local_flow_run():
+        state = governance(policy, ledger, promote, str(json_out), return_state=True)
     report = report_of(json_out, state)
     typer.echo(report["published"]["markdown"])
     typer.echo(f"compliance report: MLflow run {report['published']['mlflow_run_id']}; wrote {json_out}")
@@ -178,8 +178,8 @@ def rebuild_cmd(
         head = Ledger(ledger_location(ledger)).resolve(head) if head else None  # bad input fails before the flow
     except LedgerError as e:
         fail(e)
-    prefect_ready()
-    report = rebuild(policy, ledger, head)
+    with local_flow_run():
+        report = rebuild(policy, ledger, head)
     sha = report["output"]["sha256"]
     vid = report["request_id"]
     registered = next((v for v in registry.versions(policy.registered_name) if v["request_id"] == vid), None)
