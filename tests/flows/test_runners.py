@@ -33,3 +33,31 @@ def test_cells_and_gpus_per_task(monkeypatch):
     monkeypatch.setenv(runners.CELLS_ENV, "0")
     with pytest.raises(ValueError, match=runners.CELLS_ENV):
         runners.cells_per_task()
+
+
+def test_command_flow_runs_skip_heartbeats_only_on_the_commands_own_temporary_server(monkeypatch, prefect_harness):
+    """A command's flow run on the temporary server it started sends no heartbeats (they mark crashed runs for a
+    server that outlives the command, and each run waited up to a second at its end for the heartbeat thread);
+    against a running server (PREFECT_API_URL, as here) Prefect's setting applies unchanged."""
+    import threading
+
+    from prefect import flow
+    from prefect.settings import get_current_settings
+
+    from flows.cli import common
+
+    @flow
+    def heartbeat_setting():
+        return get_current_settings().flows.heartbeat_frequency
+
+    default = get_current_settings().flows.heartbeat_frequency
+    assert default is not None
+    monkeypatch.setattr(common, "_server_start", None)  # no temporary server of the command's own
+    with common.local_flow_run():
+        assert heartbeat_setting() == default
+    started = threading.Thread(target=lambda: None)
+    started.start()
+    monkeypatch.setattr(common, "_server_start", started)  # the command started the temporary server
+    with common.local_flow_run():
+        assert heartbeat_setting() is None
+    assert heartbeat_setting() == default
