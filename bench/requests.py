@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from clipforget.gate.criteria import FORGET_CELL_LIMIT, RETAIN_CELL_LIMIT
 from clipforget.gate.probe import residual_probe
+from clipforget.gate.shift import shifted_evidence
 from clipforget.gate.verdict import ForgetGroup, Thresholds, cumulative_mode, evidence_per_cell, gate_checks
 from clipforget.io.atomic import write_json, write_section, write_text
 from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
@@ -236,8 +237,13 @@ def main() -> None:
         proj = fit_projection(forget, retain_cells(grid, forget), text, protos, cfg, rows_cls)
         rows, held_cells = evidence(groups)
         held_base = classifier.evaluate(held_feats[rows], held_cells)
-        held_after = classifier.evaluate(proj(held_feats[rows]), held_cells)
-        gate = gate_checks(groups, held_base, held_after, Thresholds())
+        held_after_feats = proj(held_feats[rows])
+        held_after = classifier.evaluate(held_after_feats, held_cells)
+        # on held-out prototypes the pipeline's gate also holds the shifted evidence (clipforget.gate.shift); on images
+        # (--eval-images) the images decide
+        shifted = None if args.eval_images else shifted_evidence(held_feats[rows], held_after_feats, held_cells,
+                                                                 classifier.cell_accuracy)
+        gate = gate_checks(groups, held_base, held_after, Thresholds(), shifted=shifted)
         after_feats = proj(render_feats)
         after = classifier.evaluate(after_feats, render_set.cells)
         truth = gate_checks(groups, render_base, after, Thresholds())

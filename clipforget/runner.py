@@ -248,8 +248,9 @@ def run_forget(
         evalset = heldout_images(loaded, grid, synthesis, held, templates, progress, bank, text)
     t = time.perf_counter()
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
-    before, after, probe = compare_models(classifier, loaded.model, unlearned, evalset, forget)
-    verdict = judge(groups, before, after, thresholds, probe=probe)
+    compared = compare_models(classifier, loaded.model, unlearned, evalset, forget)
+    verdict = judge(groups, compared.before, compared.after, thresholds, probe=compared.probe,
+                    shifted=compared.shifted if data is None else None)  # on images, the images decide
     timings["evaluate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     digest = save_checkpoint(unlearned.state_dict(), out, metadata=checkpoint_metadata(

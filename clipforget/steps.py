@@ -11,11 +11,13 @@ import copy
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from clipforget.gate.probe import ProbeResult, residual_probe
+from clipforget.gate.shift import ShiftedCell, shifted_evidence
 from clipforget.io.checkpoints import LoadedModel, save_checkpoint
 from clipforget.method.evaluate import EvalReport, LabelledImages, ZeroShotClassifier, image_features
 from clipforget.method.fold import fold_projection
@@ -148,18 +150,31 @@ def fold_checkpoint(loaded: LoadedModel, P: torch.Tensor, out: Path, metadata: d
 
 # --- validation (step 6) ---
 
+@dataclass(frozen=True)
+class Comparison:
+    """Base and unlearned model on the same images: per-cell accuracy, the residual-knowledge probe of the
+    forgotten cells (clipforget.gate.probe) and, per cell, the images' features shifted along their spread
+    (clipforget.gate.shift; what the gate holds verdicts on held-out prototypes to)."""
+
+    before: EvalReport
+    after: EvalReport
+    probe: list[ProbeResult]
+    shifted: dict[Cell, ShiftedCell]
+
+
 def compare_models(classifier: ZeroShotClassifier, base: torch.nn.Module, unlearned: torch.nn.Module,
-                   images: LabelledImages, forget: Sequence[Cell] = ()) -> tuple[EvalReport, EvalReport, list[ProbeResult]]:
-    """Per-cell zero-shot accuracy of the base and the unlearned model on the same images, and the residual-knowledge
-    probe of the forgotten cells on their image embeddings (clipforget.gate.probe)."""
+                   images: LabelledImages, forget: Sequence[Cell] = ()) -> Comparison:
+    """Per-cell zero-shot accuracy of the base and the unlearned model on the same images, the residual-knowledge
+    probe of the forgotten cells on their image embeddings, and the shifted evidence of every cell."""
     fb, fa = image_features(base, images.pixels), image_features(unlearned, images.pixels)
     before, after = classifier.evaluate(fb, images.cells), classifier.evaluate(fa, images.cells)
-    return before, after, residual_probe(fb, fa, images.cells, forget) if forget else []
+    probe = residual_probe(fb, fa, images.cells, forget) if forget else []
+    return Comparison(before, after, probe, shifted_evidence(fb, fa, images.cells, classifier.cell_accuracy))
 
 
 def evaluate_pair(base: LoadedModel, unlearned: LoadedModel, images: LabelledImages, grid: Grid,
                   templates: TemplateSet | None = None,
-                  forget: Sequence[Cell] = ()) -> tuple[EvalReport, EvalReport, list[ProbeResult]]:
+                  forget: Sequence[Cell] = ()) -> Comparison:
     """`compare_models` of two loaded checkpoints.
 
     The classifier comes from the base model's text tower; the fold leaves the text tower untouched,

@@ -74,8 +74,9 @@ def measure(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], 
     images, evaluation = evaluation_images(base_model, g, data_path, heldout_files, synthesis, data_uri)
     forget_groups = [ForgetGroup(x["mode"], tuple(parse_cells(x["cells"]))) for x in groups]
     forget = list(dict.fromkeys(c for fg in forget_groups for c in fg.cells))
-    before, after, probe = evaluate_pair(base_model, load_model(arch, model["path"]), images, g, forget=forget)
-    return judge(forget_groups, before, after, Thresholds(**thresholds), evaluation, probe)
+    compared = evaluate_pair(base_model, load_model(arch, model["path"]), images, g, forget=forget)
+    return judge(forget_groups, compared.before, compared.after, Thresholds(**thresholds), evaluation, compared.probe,
+                 shifted=compared.shifted if data_path is None else None)  # on images, the images decide
 
 
 @task(name="validate")

@@ -7,7 +7,7 @@ uncertainty and the rule it was decided by. The CLI's `forget` and every flow ju
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -28,6 +28,7 @@ from clipforget.gate.criteria import (
     samples_for,
 )
 from clipforget.gate.probe import ProbeResult, max_excess
+from clipforget.gate.shift import ShiftedCell, shift_check
 from clipforget.method.evaluate import EvalReport
 from clipforget.method.grid import Cell
 
@@ -161,10 +162,18 @@ def cumulative_mode(modes: Sequence[str]) -> str:
 
 
 def gate_checks(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalReport,
-                thresholds: Thresholds, probe: Sequence[ProbeResult] | None = None) -> list[Check]:
+                thresholds: Thresholds, probe: Sequence[ProbeResult] | None = None,
+                shifted: Mapping[Cell, ShiftedCell] | None = None) -> list[Check]:
     """Every check the unlearned model must pass to be registered. `probe`: the residual-knowledge audit of the
-    forgotten cells (clipforget.gate.probe), checked when the thresholds set `max_probe_excess`."""
+    forgotten cells (clipforget.gate.probe), checked when the thresholds set `max_probe_excess`. `shifted`: the
+    held-out evidence shifted along its spread (clipforget.gate.shift), given for verdicts on held-out prototypes;
+    with the mode's criteria, the other classes of a `domain` request's forgotten domains are held to the retain-cell
+    limit under it."""
     checks = group_checks(groups, before, after) if thresholds.mode_criteria else []
+    if thresholds.mode_criteria and shifted is not None:
+        held = shift_check(groups, shifted)
+        if held is not None:
+            checks.append(held)
     forget = list(dict.fromkeys(c for g in groups for c in g.cells))
     measured = after.by_cell()
     if thresholds.max_forget_acc is not None:
@@ -281,7 +290,9 @@ class Verdict:
 
 
 def judge(groups: Sequence[ForgetGroup], before: EvalReport, after: EvalReport, thresholds: Thresholds | None = None,
-          evaluation: str = "", probe: Sequence[ProbeResult] | None = None) -> Verdict:
-    """The verdict: every check the unlearned model must pass to be registered, on these measurements."""
-    checks = gate_checks(groups, before, after, thresholds or Thresholds(), probe)
+          evaluation: str = "", probe: Sequence[ProbeResult] | None = None,
+          shifted: Mapping[Cell, ShiftedCell] | None = None) -> Verdict:
+    """The verdict: every check the unlearned model must pass to be registered, on these measurements (`shifted`:
+    for a verdict on held-out prototypes, `gate_checks`)."""
+    checks = gate_checks(groups, before, after, thresholds or Thresholds(), probe, shifted)
     return Verdict(tuple(groups), before, after, tuple(checks), evaluation, tuple(probe or ()))

@@ -138,3 +138,7 @@ class ZeroShotClassifier:
 
     def evaluate(self, features: torch.Tensor, cells: Sequence[Cell]) -> EvalReport:
         return score_cells(self.predict(features), cells)
+
+    def cell_accuracy(self, features: torch.Tensor, cell: Cell) -> float:
+        """The share of `features` classified as `cell`'s class."""
+        return float(np.mean([p == cell.cls for p in self.predict(features)])) if len(features) else float("nan")
