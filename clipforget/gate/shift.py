@@ -27,7 +27,7 @@ from clipforget.gate.criteria import RETAIN_CELL_LIMIT, Check
 from clipforget.method.grid import Cell
 
 SHIFT_DIRECTIONS = 6  # main directions of a cell's spread, each shifted along both ways
-SHIFT_SCALE = 1.0  # the shift, in standard deviations of the cell's held-out features along the direction
+SHIFT_SCALE = 1.5  # the shift, in standard deviations of the cell's held-out features along the direction
 SHIFT_CHECK = "max drop, other cells of a forgotten domain, evidence shifted along its spread"
 
 
