@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from clipforget.gate.criteria import FORGET_CELL_LIMIT, RETAIN_CELL_LIMIT
 from clipforget.gate.probe import residual_probe
-from clipforget.gate.shift import shifted_evidence
+from clipforget.gate.shift import SHIFT_SCALE, shifted_evidence
 from clipforget.gate.verdict import ForgetGroup, Thresholds, cumulative_mode, evidence_per_cell, gate_checks
 from clipforget.io.atomic import write_json, write_section, write_text
 from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
@@ -141,6 +141,9 @@ def main() -> None:
                     help="oracle, not a method: move each cell's prototypes (projection and held-out) so their mean "
                          "is the mean of N rendered images of the cell (docs/GATE.md, 'Where the gap sits')")
     ap.add_argument("--recentre-seed", type=int, default=11, help="render seed of the re-centring images")
+    ap.add_argument("--shift-scale", type=float, default=SHIFT_SCALE,
+                    help="the gate's shifted held-out evidence for domain requests, in standard deviations "
+                         "(clipforget.gate.shift; 0: the gate without that check)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--results", default=None, metavar="FILE",
@@ -241,8 +244,8 @@ def main() -> None:
         held_after = classifier.evaluate(held_after_feats, held_cells)
         # on held-out prototypes the pipeline's gate also holds the shifted evidence (clipforget.gate.shift); on images
         # (--eval-images) the images decide
-        shifted = None if args.eval_images else shifted_evidence(held_feats[rows], held_after_feats, held_cells,
-                                                                 classifier.cell_accuracy)
+        shifted = None if args.eval_images or not args.shift_scale else shifted_evidence(
+            held_feats[rows], held_after_feats, held_cells, classifier.cell_accuracy, scale=args.shift_scale)
         gate = gate_checks(groups, held_base, held_after, Thresholds(), shifted=shifted)
         after_feats = proj(render_feats)
         after = classifier.evaluate(after_feats, render_set.cells)
@@ -306,7 +309,7 @@ def main() -> None:
     out = {"render_seed": args.render_seed, "per_cell": args.per_cell,
            "heldout_per_cell": held_n if held_n is not None else "sized",
            "synthesis": args.synthesis or "the policy's", "heldout_synthesis": args.heldout_synthesis or "the policy's",
-           "request_seed": args.request_seed,
+           "request_seed": args.request_seed, "shift_scale": args.shift_scale,
            "command": "python bench/requests.py " + " ".join(sys.argv[1:]),
            "recentred": ({"images_per_cell": args.recentre_images, "seed": args.recentre_seed}
                          if args.recentre_images else None),
