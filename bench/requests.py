@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from clipforget.gate.criteria import FORGET_CELL_LIMIT, RETAIN_CELL_LIMIT
 from clipforget.gate.probe import residual_probe
-from clipforget.gate.shift import SHIFT_SCALE, shifted_evidence
+from clipforget.gate.shift import SHIFT_SCALE, shift_cells, shifted_evidence
 from clipforget.gate.verdict import ForgetGroup, Thresholds, cumulative_mode, evidence_per_cell, gate_checks
 from clipforget.io.atomic import write_json, write_section, write_text
 from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_bank
@@ -245,7 +245,8 @@ def main() -> None:
         # on held-out prototypes the pipeline's gate also holds the shifted evidence (clipforget.gate.shift); on images
         # (--eval-images) the images decide
         shifted = None if args.eval_images or not args.shift_scale else shifted_evidence(
-            held_feats[rows], held_after_feats, held_cells, classifier.cell_accuracy, scale=args.shift_scale)
+            held_feats[rows], held_after_feats, held_cells, classifier.cell_accuracy, scale=args.shift_scale,
+            of=set(shift_cells(groups, list(dict.fromkeys(held_cells)))))
         gate = gate_checks(groups, held_base, held_after, Thresholds(), shifted=shifted)
         after_feats = proj(render_feats)
         after = classifier.evaluate(after_feats, render_set.cells)

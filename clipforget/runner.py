@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from clipforget.gate.shift import shift_cells
 from clipforget.gate.verdict import ForgetGroup, Thresholds, evidence_per_cell, judge
 from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_blocks_with_bank, synthesize_with_bank
 from clipforget.io.checkpoints import LoadedModel, save_checkpoint
@@ -248,9 +249,9 @@ def run_forget(
         evalset = heldout_images(loaded, grid, synthesis, held, templates, progress, bank, text)
     t = time.perf_counter()
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
-    compared = compare_models(classifier, loaded.model, unlearned, evalset, forget)
-    verdict = judge(groups, compared.before, compared.after, thresholds, probe=compared.probe,
-                    shifted=compared.shifted if data is None else None)  # on images, the images decide
+    shift = shift_cells(groups, list(dict.fromkeys(evalset.cells))) if data is None else []  # on images, they decide
+    compared = compare_models(classifier, loaded.model, unlearned, evalset, forget, shift)
+    verdict = judge(groups, compared.before, compared.after, thresholds, probe=compared.probe, shifted=compared.shifted)
     timings["evaluate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     digest = save_checkpoint(unlearned.state_dict(), out, metadata=checkpoint_metadata(

@@ -153,8 +153,8 @@ def fold_checkpoint(loaded: LoadedModel, P: torch.Tensor, out: Path, metadata: d
 @dataclass(frozen=True)
 class Comparison:
     """Base and unlearned model on the same images: per-cell accuracy, the residual-knowledge probe of the
-    forgotten cells (clipforget.gate.probe) and, per cell, the images' features shifted along their spread
-    (clipforget.gate.shift; what the gate holds verdicts on held-out prototypes to)."""
+    forgotten cells (clipforget.gate.probe) and, for the cells asked for, the images' features shifted along their
+    spread (clipforget.gate.shift; what the gate holds verdicts on held-out prototypes to)."""
 
     before: EvalReport
     after: EvalReport
@@ -163,22 +163,24 @@ class Comparison:
 
 
 def compare_models(classifier: ZeroShotClassifier, base: torch.nn.Module, unlearned: torch.nn.Module,
-                   images: LabelledImages, forget: Sequence[Cell] = ()) -> Comparison:
+                   images: LabelledImages, forget: Sequence[Cell] = (), shift: Sequence[Cell] = ()) -> Comparison:
     """Per-cell zero-shot accuracy of the base and the unlearned model on the same images, the residual-knowledge
-    probe of the forgotten cells on their image embeddings, and the shifted evidence of every cell."""
+    probe of the forgotten cells on their image embeddings, and the shifted evidence of the cells `shift`
+    (`shift_cells` of a verdict on held-out prototypes; none on images, where the images decide)."""
     fb, fa = image_features(base, images.pixels), image_features(unlearned, images.pixels)
     before, after = classifier.evaluate(fb, images.cells), classifier.evaluate(fa, images.cells)
     probe = residual_probe(fb, fa, images.cells, forget) if forget else []
-    return Comparison(before, after, probe, shifted_evidence(fb, fa, images.cells, classifier.cell_accuracy))
+    shifted = shifted_evidence(fb, fa, images.cells, classifier.cell_accuracy, of=set(shift)) if shift else {}
+    return Comparison(before, after, probe, shifted)
 
 
 def evaluate_pair(base: LoadedModel, unlearned: LoadedModel, images: LabelledImages, grid: Grid,
                   templates: TemplateSet | None = None,
-                  forget: Sequence[Cell] = ()) -> Comparison:
+                  forget: Sequence[Cell] = (), shift: Sequence[Cell] = ()) -> Comparison:
     """`compare_models` of two loaded checkpoints.
 
     The classifier comes from the base model's text tower; the fold leaves the text tower untouched,
     so it is the unlearned model's classifier too.
     """
     classifier = ZeroShotClassifier(base.model, base.tokenizer, grid, templates)
-    return compare_models(classifier, base.model, unlearned.model, images, forget)
+    return compare_models(classifier, base.model, unlearned.model, images, forget, shift)

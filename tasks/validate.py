@@ -7,6 +7,7 @@ import re
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from clipforget.gate.shift import shift_cells
 from clipforget.gate.verdict import DATA_FREE_CAVEAT, DATA_FREE_REJECTION, ForgetGroup, Thresholds, Verdict, judge
 from clipforget.io.bank import load_prototypes
 from clipforget.method.evaluate import LabelledImages
@@ -74,9 +75,11 @@ def measure(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], 
     images, evaluation = evaluation_images(base_model, g, data_path, heldout_files, synthesis, data_uri)
     forget_groups = [ForgetGroup(x["mode"], tuple(parse_cells(x["cells"]))) for x in groups]
     forget = list(dict.fromkeys(c for fg in forget_groups for c in fg.cells))
-    compared = evaluate_pair(base_model, load_model(arch, model["path"]), images, g, forget=forget)
+    # held-out prototypes are also judged shifted along their spread; on images the images decide
+    shift = shift_cells(forget_groups, list(dict.fromkeys(images.cells))) if data_path is None else []
+    compared = evaluate_pair(base_model, load_model(arch, model["path"]), images, g, forget=forget, shift=shift)
     return judge(forget_groups, compared.before, compared.after, Thresholds(**thresholds), evaluation, compared.probe,
-                 shifted=compared.shifted if data_path is None else None)  # on images, the images decide
+                 shifted=compared.shifted)
 
 
 @task(name="validate")

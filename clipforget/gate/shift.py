@@ -18,7 +18,7 @@ shift (`shift_check`); it applies to verdicts on held-out prototypes only (on im
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,14 +51,17 @@ class ShiftedCell:
 
 def shifted_evidence(base: torch.Tensor, after: torch.Tensor, cells: Sequence[Cell],
                      accuracy: Callable[[torch.Tensor, Cell], float], *, directions: int = SHIFT_DIRECTIONS,
-                     scale: float = SHIFT_SCALE) -> dict[Cell, ShiftedCell]:
-    """Per cell with at least 3 rows, the whole-cell shift (`scale` standard deviations along one of the cell's
-    `directions` main directions, either sign) whose accuracy drops most from `base` to `after`.
+                     scale: float = SHIFT_SCALE, of: Collection[Cell] | None = None) -> dict[Cell, ShiftedCell]:
+    """Per cell with at least 3 rows (of the cells `of`, default every cell), the whole-cell shift (`scale` standard
+    deviations along one of the cell's `directions` main directions, either sign) whose accuracy drops most from
+    `base` to `after`.
 
     `base`, `after`: features [N, d] of the same images by the base and the unlearned model, `after` a linear map of
     `base`; `accuracy(features, cell)`: the share of rows classified as `cell`'s class."""
     out: dict[Cell, ShiftedCell] = {}
     for cell in dict.fromkeys(cells):
+        if of is not None and cell not in of:
+            continue
         rows = [i for i, c in enumerate(cells) if c == cell]
         if len(rows) < 3:
             continue
