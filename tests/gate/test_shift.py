@@ -104,3 +104,14 @@ def test_the_gate_adds_the_check_for_data_free_verdicts_with_the_mode_criteria_o
     assert [c.name for c in held if not c.passed] == [SHIFT_CHECK]
     own = gate_checks([group], before_r, after_r, Thresholds(mode_criteria=False, max_forget_acc=0.15), shifted=shifted)
     assert SHIFT_CHECK not in [c.name for c in own]
+
+
+def test_shifted_evidence_of_the_cells_asked_for_only():
+    """The pipeline asks for the cells the check holds (`shift_cells`), not every cell of the grid."""
+    measured = [Cell(c, "sketch") for c in CLASSES]
+    cells = [c for c in measured for _ in range(10)]
+    base = torch.cat([cell_features(c.cls, n=10, seed=i) for i, c in enumerate(measured)])
+    every = shifted_evidence(base, base @ steep_toward_star().T, cells, accuracy)
+    asked = shifted_evidence(base, base @ steep_toward_star().T, cells, accuracy, of={Cell("cross", "sketch")})
+    assert set(every) == set(measured) and list(asked) == [Cell("cross", "sketch")]
+    assert asked[Cell("cross", "sketch")] == every[Cell("cross", "sketch")]
