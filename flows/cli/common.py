@@ -143,63 +143,119 @@ def load_model_json(cls: Any, path: Path | None, what: str) -> Any:
         fail(e)
 
 
-_server_start: Any = None  # the thread starting Prefect's temporary server early (offline_prefect)
+class TemporaryServer:
+    """Prefect's temporary server, started by the command itself as a child process: the uvicorn command Prefect's
+    own `SubprocessASGIServer` runs (the API app, no UI, ephemeral mode, the command's Prefect settings), on a free
+    port. Started this way the command does not import Prefect's server package (1.8 s of imports in Prefect's way,
+    which held the interpreter lock while the command loaded torch and open_clip); the child imports it on the other
+    core. `local_flow_run` points the command's flow runs at it; it stops at exit (and with the command's other
+    children on SIGTERM/Ctrl-C, flows/interrupt.py)."""
+
+    def __init__(self) -> None:
+        import atexit
+        import os
+        import socket
+        import subprocess
+
+        import prefect
+        from prefect.settings import get_current_settings
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.up: bool | None = None
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+               **get_current_settings().to_environment_variables(exclude_unset=True)}
+        self.process: Any = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+             "--lifespan", "on"], env=env)
+        atexit.register(self.stop)
+
+    def ready(self) -> bool:
+        """Wait until the server answers (True) or its process ended or it did not answer in Prefect's startup
+        timeout (False: the flow then starts Prefect's own temporary server, which reports what goes wrong)."""
+        if self.up is None:
+            import time
+            import urllib.request
+
+            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+            deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+            self.up = False
+            while time.monotonic() < deadline and self.process.poll() is None:
+                try:
+                    with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                        if r.status == 200:
+                            self.up = True
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.05)
+            if not self.up:
+                self.stop()
+        return self.up
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+_server: Any = None  # the command's own temporary Prefect server (offline_prefect), or None
 
 
 def offline_prefect(start_server: bool = True) -> None:
     """Before a command runs flows: no telemetry, SIGTERM/Ctrl-C stop it within seconds (flows/interrupt.py), and
-    without a Prefect server to talk to, the temporary one starts now, in the background, while the command imports
-    torch and the flows (`prefect_ready` waits for it; call it before anything talks to Prefect): the two take a few
+    without a Prefect server to talk to, a temporary one starts now, as a child process, while the command imports
+    torch and the flows (`prefect_ready` waits for it; `local_flow_run` points flow runs at it): the two take a few
     seconds each (docs/BENCHMARKS.md)."""
     import os
-    import threading
 
     from flows import interrupt
 
-    global _server_start
+    global _server
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline by default; no telemetry
     # Prefect's temporary server gets 20 s to start by default, which a loaded 2-core machine can miss
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     interrupt.install(" ".join(["clipforget", *(a for a in sys.argv[1:3] if not a.startswith("-"))]))
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
-    if start_server and _server_start is None and not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        from prefect.server.api.server import SubprocessASGIServer
-
-        def start() -> None:
-            try:
-                SubprocessASGIServer().start()  # the instance Prefect's client uses; it stops it at exit
-            except Exception:  # noqa: BLE001  (the flow's own start then tries again and reports)
-                pass
-
-        # not a daemon: the process waits for it before exiting, so Prefect's own exit hook stops the server it started
-        _server_start = threading.Thread(target=start, name="prefect-server-start")
-        _server_start.start()
+    if start_server and _server is None and not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        _server = TemporaryServer()
 
 
 def prefect_ready() -> None:
     """Load torch and open_clip (every flow's first steps need them) while the temporary server that
-    `offline_prefect` started early comes up, then wait for it (up, or failed to start)."""
+    `offline_prefect` started comes up, then wait for it (up, or failed to start)."""
     import open_clip  # noqa: F401
     import torch  # noqa: F401
 
-    if _server_start is not None:
-        _server_start.join()
+    if _server is not None:
+        _server.ready()
 
 
 @contextlib.contextmanager
 def local_flow_run() -> Iterator[None]:
-    """Around a command's flow call: `prefect_ready`, and on the command's own temporary server no flow-run
-    heartbeats. They let a lasting server mark a crashed run; the temporary server ends with the command, and each
-    flow run waited up to a second at its end for the heartbeat thread's sleep (docs/BENCHMARKS.md). Against a
-    running server (`PREFECT_API_URL`) Prefect's settings apply unchanged."""
+    """Around a command's calls to Prefect (a flow run, `run_deployment`): `prefect_ready`, and on the command's own
+    temporary server, its address and no flow-run heartbeats. They let a lasting server mark a crashed run; the
+    temporary server ends with the command, and each flow run waited up to a second at its end for the heartbeat
+    thread's sleep (docs/BENCHMARKS.md). Against a running server (`PREFECT_API_URL`) Prefect's settings apply
+    unchanged."""
     prefect_ready()
-    if _server_start is None:
+    if _server is None or not _server.up:
         yield
         return
     from prefect.settings import temporary_settings
 
-    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+    with temporary_settings(updates={"api.url": _server.url, "flows.heartbeat_frequency": None}):
         yield
 
 

@@ -18,7 +18,6 @@ from flows.cli.common import (
     load_model_json,
     local_flow_run,
     offline_prefect,
-    prefect_ready,
     report_of,
     request_app,
     user_errors,
@@ -39,6 +38,7 @@ def request_submit(
     json_out: Path = typer.Option(None, "--json", help="Where to write the report (default runs/request-ID.json)."),
 ) -> None:
     """Validate a deletion request, append it to the ledger and build + register the cumulative model."""
+    offline_prefect(start_server=not no_build)  # first: a temporary server starts while the request is checked
     from clipforget.governance.request import DeletionRequest, ModelPolicy
     from tasks.record import ledger_location
 
@@ -51,7 +51,6 @@ def request_submit(
             request.cells(grid_of(policy.grid, policy.arch, None))
     except user_errors() as e:
         fail(e)
-    offline_prefect(start_server=not no_build)
     if deployment:
         from prefect.deployments import run_deployment
 
@@ -61,8 +60,8 @@ def request_submit(
             parameters["policy"] = policy.model_dump()
         if ledger is not None:
             parameters["ledger"] = ledger
-        prefect_ready()
-        run = run_deployment(deployment, timeout=0, parameters=parameters)
+        with local_flow_run():
+            run = run_deployment(deployment, timeout=0, parameters=parameters)
         typer.echo(f"submitted {request.request_id} to deployment {deployment}: flow run {run.id} ({run.name})")
         return
     if no_build:

@@ -69,6 +69,7 @@ def unlearn_cmd(
     source: str = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode)."),
 ) -> None:
     """Run the Prefect pipeline: fetch, unlearn, validate, and register the model in MLflow if it passes."""
+    offline_prefect()  # first: Prefect's temporary server starts while the request is checked and torch loads
     import pydantic
 
     from clipforget.gate.verdict import Thresholds
@@ -92,7 +93,7 @@ def unlearn_cmd(
         if requested_by:
             fields["requested_by"] = requested_by
         request = UnlearnRequest(**fields)
-        if grid is not None or model == "toy":  # a bad request fails before Prefect starts
+        if grid is not None or model == "toy":  # a bad request fails before any flow runs
             g = grid_of(grid, model, None)
             forget_cells(g, mode, cls_list, dom_list)
             if data is not None and "://" not in data:  # a local folder: checked now (an S3 prefix in the flow)
@@ -103,7 +104,6 @@ def unlearn_cmd(
         fail(ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())))
     except user_errors() as e:
         fail(e)
-    offline_prefect()
     from flows.unlearn import unlearn
 
     json_out = json_out or Path("runs") / f"unlearn-{request.request_id}.json"

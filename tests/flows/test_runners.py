@@ -39,7 +39,7 @@ def test_command_flow_runs_skip_heartbeats_only_on_the_commands_own_temporary_se
     """A command's flow run on the temporary server it started sends no heartbeats (they mark crashed runs for a
     server that outlives the command, and each run waited up to a second at its end for the heartbeat thread);
     against a running server (PREFECT_API_URL, as here) Prefect's setting applies unchanged."""
-    import threading
+    from types import SimpleNamespace
 
     from prefect import flow
     from prefect.settings import get_current_settings
@@ -51,13 +51,52 @@ def test_command_flow_runs_skip_heartbeats_only_on_the_commands_own_temporary_se
         return get_current_settings().flows.heartbeat_frequency
 
     default = get_current_settings().flows.heartbeat_frequency
-    assert default is not None
-    monkeypatch.setattr(common, "_server_start", None)  # no temporary server of the command's own
+    url = get_current_settings().api.url
+    assert default is not None and url
+    monkeypatch.setattr(common, "_server", None)  # no temporary server of the command's own
     with common.local_flow_run():
         assert heartbeat_setting() == default
-    started = threading.Thread(target=lambda: None)
-    started.start()
-    monkeypatch.setattr(common, "_server_start", started)  # the command started the temporary server
+    # the command started the temporary server (here: one that answers at the harness's address)
+    monkeypatch.setattr(common, "_server", SimpleNamespace(url=url, up=True, ready=lambda: True))
     with common.local_flow_run():
         assert heartbeat_setting() is None
     assert heartbeat_setting() == default
+
+
+def test_a_commands_temporary_server_serves_its_flow_runs_and_stops(monkeypatch, prefect_harness, tmp_path):
+    """The temporary server a command starts itself (a child process, as Prefect's own) records the command's flow
+    runs, and is gone after `stop`; one that ends before it answers leaves the flow to Prefect's own way."""
+    import asyncio
+
+    from prefect import flow, get_client
+    from prefect.runtime import flow_run
+    from prefect.settings import get_current_settings
+
+    from flows.cli import common
+
+    @flow
+    def where() -> tuple[str, str]:
+        return str(get_current_settings().api.url), str(flow_run.id)
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    server = common.TemporaryServer()
+    try:
+        assert server.ready() and server.url != get_current_settings().api.url
+        monkeypatch.setattr(common, "_server", server)
+        with common.local_flow_run():
+            url, run_id = where()
+
+            async def state() -> str:
+                async with get_client() as client:
+                    return (await client.read_flow_run(run_id)).state.type.value
+
+            assert url == server.url and asyncio.run(state()) == "COMPLETED"
+    finally:
+        server.stop()
+    assert server.process.poll() is not None
+    failed = common.TemporaryServer()
+    failed.process.kill()
+    assert failed.ready() is False
+    monkeypatch.setattr(common, "_server", failed)
+    with common.local_flow_run():
+        assert where()[0] == get_current_settings().api.url  # the harness's server: Prefect's settings unchanged
