@@ -153,6 +153,7 @@ class TemporaryServer:
 
     def __init__(self) -> None:
         import atexit
+        import functools
         import os
         import socket
         import subprocess
@@ -170,7 +171,8 @@ class TemporaryServer:
         self.process: Any = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
-             "--lifespan", "on"], env=env)
+             "--lifespan", "on"], env=env,
+            preexec_fn=functools.partial(_end_with_parent, os.getpid()) if sys.platform == "linux" else None)
         atexit.register(self.stop)
 
     def ready(self) -> bool:
@@ -207,6 +209,18 @@ class TemporaryServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _end_with_parent(parent: int) -> None:
+    """In the server's process before it starts (Linux): SIGTERM when the command's process ends, however it ends;
+    a command killed with SIGKILL (or by the kernel for memory) cannot stop its children, so no server outlives it."""
+    import ctypes
+    import os
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the command ended before the line above took effect
+        os._exit(1)
 
 
 _server: Any = None  # the command's own temporary Prefect server (offline_prefect), or None

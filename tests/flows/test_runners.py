@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -100,3 +102,44 @@ def test_a_commands_temporary_server_serves_its_flow_runs_and_stops(monkeypatch,
     monkeypatch.setattr(common, "_server", failed)
     with common.local_flow_run():
         assert where()[0] == get_current_settings().api.url  # the harness's server: Prefect's settings unchanged
+
+
+KILLED_COMMAND = """
+import sys, time
+from flows.cli import common
+server = common.TemporaryServer()
+print(server.process.pid, flush=True)
+server.ready()
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the server ends with its command through Linux's prctl")
+def test_no_temporary_server_outlives_a_command_killed_with_sigkill(tmp_path):
+    """A command killed with SIGKILL (or by the kernel for memory) runs no exit hook; its temporary server ends
+    anyway instead of holding a port and memory for good."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from flows import interrupt
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    command = subprocess.Popen([sys.executable, "-c", KILLED_COMMAND], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = int(command.stdout.readline())
+        assert command.stdout.readline().strip() == "up"  # the server answered: it has been running a while
+        assert server_pid in interrupt.child_pids(command.pid)
+    finally:
+        command.send_signal(signal.SIGKILL)
+        command.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and interrupt._alive(server_pid):
+        time.sleep(0.1)
+    alive = interrupt._alive(server_pid)
+    if alive:
+        os.kill(server_pid, signal.SIGKILL)
+    assert not alive, "the temporary server outlived its command"
