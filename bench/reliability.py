@@ -49,7 +49,9 @@ NOTES = """## Decisions where the issue was silent
   mis-shaped tensors. A non-safetensors file is read only with `weights_only=True`; a pickle is refused.
 - **Signals.** The first SIGTERM or Ctrl-C prints one line, lets Prefect record the run as crashed for up to 2 s,
   then ends every child process and exits with 128 + the signal number; a second signal ends it at once.
-  Commands called in-process (tests, notebooks) keep their host's handlers.
+  Commands called in-process (tests, notebooks) keep their host's handlers. The temporary Prefect server a command
+  starts for itself ends with the command on Linux however the command ends, SIGKILL included (`PR_SET_PDEATHSIG`;
+  `tests/flows/test_runners.py`).
 - **S3 timeouts.** `CLIPFORGET_S3_TIMEOUT` (default 60 s) bounds one call, so a stalled endpoint is retried instead
   of hanging.
 - **MLflow user.** Runs are tagged `mlflow.user=clipforget` instead of the tracking username MLflow would record.
