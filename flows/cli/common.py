@@ -243,7 +243,10 @@ def offline_prefect(start_server: bool = True) -> None:
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if start_server and _server is None and not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        _server = TemporaryServer()
+        try:
+            _server = TemporaryServer()
+        except OSError:  # no process could be started: the flow starts Prefect's own, which reports why
+            _server = None
 
 
 def prefect_ready() -> None:
@@ -263,11 +266,14 @@ def local_flow_run() -> Iterator[None]:
     temporary server ends with the command, and each flow run waited up to a second at its end for the heartbeat
     thread's sleep (docs/BENCHMARKS.md). Against a running server (`PREFECT_API_URL`) Prefect's settings apply
     unchanged."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     prefect_ready()
-    if _server is None or not _server.up:
+    # a server named in the settings (PREFECT_API_URL; a test harness) takes precedence over one this process started
+    # for an earlier command
+    if _server is None or PREFECT_API_URL.value() or not _server.up:
         yield
         return
-    from prefect.settings import temporary_settings
 
     with temporary_settings(updates={"api.url": _server.url, "flows.heartbeat_frequency": None}):
         yield

@@ -44,7 +44,7 @@ def test_command_flow_runs_skip_heartbeats_only_on_the_commands_own_temporary_se
     from types import SimpleNamespace
 
     from prefect import flow
-    from prefect.settings import get_current_settings
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     from flows.cli import common
 
@@ -58,10 +58,14 @@ def test_command_flow_runs_skip_heartbeats_only_on_the_commands_own_temporary_se
     monkeypatch.setattr(common, "_server", None)  # no temporary server of the command's own
     with common.local_flow_run():
         assert heartbeat_setting() == default
-    # the command started the temporary server (here: one that answers at the harness's address)
+    # the command started the temporary server (here: one that answers at the harness's address); a server named in
+    # the settings still wins over it, as in a process that ran an earlier command without one
     monkeypatch.setattr(common, "_server", SimpleNamespace(url=url, up=True, ready=lambda: True))
     with common.local_flow_run():
-        assert heartbeat_setting() is None
+        assert heartbeat_setting() == default
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no server named: the command's own is used
+        with common.local_flow_run():
+            assert heartbeat_setting() is None and get_current_settings().api.url == url
     assert heartbeat_setting() == default
 
 
@@ -72,7 +76,7 @@ def test_a_commands_temporary_server_serves_its_flow_runs_and_stops(monkeypatch,
 
     from prefect import flow, get_client
     from prefect.runtime import flow_run
-    from prefect.settings import get_current_settings
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     from flows.cli import common
 
@@ -85,7 +89,7 @@ def test_a_commands_temporary_server_serves_its_flow_runs_and_stops(monkeypatch,
     try:
         assert server.ready() and server.url != get_current_settings().api.url
         monkeypatch.setattr(common, "_server", server)
-        with common.local_flow_run():
+        with temporary_settings(restore_defaults={PREFECT_API_URL}), common.local_flow_run():  # no server named
             url, run_id = where()
 
             async def state() -> str:
@@ -100,8 +104,8 @@ def test_a_commands_temporary_server_serves_its_flow_runs_and_stops(monkeypatch,
     failed.process.kill()
     assert failed.ready() is False
     monkeypatch.setattr(common, "_server", failed)
-    with common.local_flow_run():
-        assert where()[0] == get_current_settings().api.url  # the harness's server: Prefect's settings unchanged
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), common.local_flow_run():
+        assert get_current_settings().api.url is None  # a flow would start Prefect's own temporary server
 
 
 KILLED_COMMAND = """
