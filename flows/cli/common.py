@@ -245,8 +245,8 @@ def offline_prefect(start_server: bool = True) -> None:
     if start_server and _server is None and not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         try:
             _server = TemporaryServer()
-        except OSError:  # no process could be started: the flow starts Prefect's own, which reports why
-            _server = None
+        except Exception:  # noqa: BLE001  (no process started, or another Prefect: the flow starts Prefect's own,
+            _server = None  # which reports what goes wrong)
 
 
 def prefect_ready() -> None:

@@ -144,3 +144,24 @@ def test_no_temporary_server_outlives_a_command_killed_with_sigkill(tmp_path):
     if alive:
         os.kill(server_pid, signal.SIGKILL)
     assert not alive, "the temporary server outlived its command"
+
+
+def test_a_temporary_server_that_cannot_start_leaves_the_flow_to_prefects_own(monkeypatch, prefect_harness):
+    """If the command cannot start its server (no process, another Prefect), it runs on: the flow starts Prefect's
+    own temporary server, which reports what goes wrong."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.cli import common
+
+    def cannot_start():
+        raise FileNotFoundError("no such interpreter")
+
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline_prefect's defaults, undone after
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    monkeypatch.setattr(common, "TemporaryServer", cannot_start)
+    monkeypatch.setattr(common, "_server", None)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no server named: the command would start one
+        common.offline_prefect()
+        assert common._server is None
+        with common.local_flow_run():
+            assert PREFECT_API_URL.value() is None  # nothing pointed elsewhere: Prefect's own way
