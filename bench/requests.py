@@ -246,7 +246,7 @@ def main() -> None:
         # (--eval-images) the images decide
         shifted = None if args.eval_images or not args.shift_scale else shifted_evidence(
             held_feats[rows], held_after_feats, held_cells, classifier.cell_accuracy, scale=args.shift_scale,
-            of=set(shift_cells(groups, list(dict.fromkeys(held_cells)))))
+            of=set(shift_cells(groups, held_cells)))
         gate = gate_checks(groups, held_base, held_after, Thresholds(), shifted=shifted)
         after_feats = proj(render_feats)
         after = classifier.evaluate(after_feats, render_set.cells)

@@ -249,7 +249,7 @@ def run_forget(
         evalset = heldout_images(loaded, grid, synthesis, held, templates, progress, bank, text)
     t = time.perf_counter()
     classifier = ZeroShotClassifier(loaded.model, loaded.tokenizer, grid, templates)
-    shift = shift_cells(groups, list(dict.fromkeys(evalset.cells))) if data is None else []  # on images, they decide
+    shift = shift_cells(groups, evalset.cells) if data is None else []  # on images, they decide
     compared = compare_models(classifier, loaded.model, unlearned, evalset, forget, shift)
     verdict = judge(groups, compared.before, compared.after, thresholds, probe=compared.probe, shifted=compared.shifted)
     timings["evaluate_s"] = time.perf_counter() - t

@@ -76,7 +76,7 @@ def measure(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], 
     forget_groups = [ForgetGroup(x["mode"], tuple(parse_cells(x["cells"]))) for x in groups]
     forget = list(dict.fromkeys(c for fg in forget_groups for c in fg.cells))
     # held-out prototypes are also judged shifted along their spread; on images the images decide
-    shift = shift_cells(forget_groups, list(dict.fromkeys(images.cells))) if data_path is None else []
+    shift = shift_cells(forget_groups, images.cells) if data_path is None else []
     compared = evaluate_pair(base_model, load_model(arch, model["path"]), images, g, forget=forget, shift=shift)
     return judge(forget_groups, compared.before, compared.after, Thresholds(**thresholds), evaluation, compared.probe,
                  shifted=compared.shifted)

@@ -85,8 +85,8 @@ def shifted_evidence(base: torch.Tensor, after: torch.Tensor, cells: Sequence[Ce
 
 
 def shift_cells(groups: Sequence, measured: Sequence[Cell]) -> list[Cell]:
-    """The cells `shift_check` holds: for each `domain` group, the measured cells of its forgotten domains whose
-    class it does not forget, less every cell some group forgets."""
+    """The cells `shift_check` holds: for each `domain` group, the measured cells (each once; `measured` may name
+    a cell per image) of its forgotten domains whose class it does not forget, less every cell some group forgets."""
     forgotten = {c for g in groups for c in g.cells}
     out: list[Cell] = []
     for g in groups:
