@@ -20,8 +20,8 @@ from clipforget.gate.probe import ProbeResult, residual_probe
 from clipforget.gate.shift import ShiftedCell, shifted_evidence
 from clipforget.io.checkpoints import LoadedModel, save_checkpoint
 from clipforget.method.evaluate import EvalReport, LabelledImages, ZeroShotClassifier, image_features
-from clipforget.method.fold import fold_projection
-from clipforget.method.grid import Cell, Grid
+from clipforget.method.fold import FoldedMap, fold_projection, folded_map
+from clipforget.method.grid import Cell
 from clipforget.method.nullspace import Projection
 from clipforget.method.projection import NullspaceConfig, cell_text_embeddings, fit_projection
 from clipforget.method.prompts import TemplateSet
@@ -162,25 +162,31 @@ class Comparison:
     shifted: dict[Cell, ShiftedCell]
 
 
+def compare_features(classifier: ZeroShotClassifier, before: torch.Tensor, after: torch.Tensor, cells: Sequence[Cell],
+                     forget: Sequence[Cell] = (), shift: Sequence[Cell] = ()) -> Comparison:
+    """Per-cell zero-shot accuracy of the base and the unlearned model on the same images (their image embeddings
+    `before`/`after`, rows of `cells`), the residual-knowledge probe of the forgotten cells, and the shifted evidence
+    of the cells `shift` (`shift_cells` of a verdict on held-out prototypes; none on images, where the images
+    decide)."""
+    cells = [Cell(*c) for c in cells]
+    probe = residual_probe(before, after, cells, forget) if forget else []
+    shifted = shifted_evidence(before, after, cells, classifier.cell_accuracy, of=set(shift)) if shift else {}
+    return Comparison(classifier.evaluate(before, cells), classifier.evaluate(after, cells), probe, shifted)
+
+
 def compare_models(classifier: ZeroShotClassifier, base: torch.nn.Module, unlearned: torch.nn.Module,
                    images: LabelledImages, forget: Sequence[Cell] = (), shift: Sequence[Cell] = ()) -> Comparison:
-    """Per-cell zero-shot accuracy of the base and the unlearned model on the same images, the residual-knowledge
-    probe of the forgotten cells on their image embeddings, and the shifted evidence of the cells `shift`
-    (`shift_cells` of a verdict on held-out prototypes; none on images, where the images decide)."""
-    fb, fa = image_features(base, images.pixels), image_features(unlearned, images.pixels)
-    before, after = classifier.evaluate(fb, images.cells), classifier.evaluate(fa, images.cells)
-    probe = residual_probe(fb, fa, images.cells, forget) if forget else []
-    shifted = shifted_evidence(fb, fa, images.cells, classifier.cell_accuracy, of=set(shift)) if shift else {}
-    return Comparison(before, after, probe, shifted)
+    """`compare_features` of two models run on the same images."""
+    return compare_features(classifier, image_features(base, images.pixels), image_features(unlearned, images.pixels),
+                            images.cells, forget, shift)
 
 
-def evaluate_pair(base: LoadedModel, unlearned: LoadedModel, images: LabelledImages, grid: Grid,
-                  templates: TemplateSet | None = None,
-                  forget: Sequence[Cell] = (), shift: Sequence[Cell] = ()) -> Comparison:
-    """`compare_models` of two loaded checkpoints.
+def verified_fold(base: LoadedModel, candidate: str | Path) -> FoldedMap | None:
+    """The candidate checkpoint as a fold of the base (`clipforget.method.fold.folded_map`: every tensor but the
+    image tower's last linear map bitwise the base's, the map M' = P M), or None when it is not one.
 
-    The classifier comes from the base model's text tower; the fold leaves the text tower untouched,
-    so it is the unlearned model's classifier too.
-    """
-    classifier = ZeroShotClassifier(base.model, base.tokenizer, grid, templates)
-    return compare_models(classifier, base.model, unlearned.model, images, forget, shift)
+    With it, the candidate's image embeddings are the base's mapped by P exactly (to float32 rounding): the gate
+    judges the very weights it reads from the candidate's file without running its image tower again."""
+    from safetensors.torch import load_file
+
+    return folded_map(base.model, load_file(str(candidate)))

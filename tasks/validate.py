@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import re
 
+import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from clipforget.gate.shift import shift_cells
 from clipforget.gate.verdict import DATA_FREE_CAVEAT, DATA_FREE_REJECTION, ForgetGroup, Thresholds, Verdict, judge
 from clipforget.io.bank import load_prototypes
-from clipforget.method.evaluate import LabelledImages
-from clipforget.method.grid import Grid
+from clipforget.method.evaluate import LabelledImages, ZeroShotClassifier, image_features
+from clipforget.method.grid import Cell, Grid
 from clipforget.method.synthesis import SynthesisConfig
-from clipforget.steps import evaluate_pair, parse_cells
-from tasks.common import loaded_model
+from clipforget.steps import compare_features, parse_cells, verified_fold
+from tasks.common import loaded_model, work_root
 
 
 def artifact_key(request_id: str, what: str) -> str:
@@ -50,34 +51,60 @@ def summary_markdown(request_id: str, mode: str, forget: list[str], passed: bool
     return "\n".join(lines) + "\n"
 
 
-def evaluation_images(base_model, grid: Grid, data_path: str | None, heldout_files: list[str] | None,
-                      synthesis: dict | None, data_uri: str | None = None) -> tuple[LabelledImages, str]:
-    """The labelled images a model is judged on (the data, else held-out prototypes) and their description
-    (naming the data by its URI when given, not by its place in the cache)."""
+def _heldout_evidence(base_model, sha256: str, heldout_files: list[str], synthesis: dict | None
+                      ) -> tuple[torch.Tensor, list[Cell], str]:
+    """The base model's embeddings of the held-out prototypes (cached per checkpoint and bank file), their cells,
+    and what they are."""
+    from clipforget.io.features import bank_image_features
+
+    cells = load_prototypes(heldout_files, SynthesisConfig(**(synthesis or {}))).cells
+    features = bank_image_features(base_model, sha256, heldout_files, work_root() / "features")
+    return features, cells, f"held-out prototypes ({len(cells)} images; data-free)"
+
+
+def _pixels(base_model, data_path: str | None, heldout_files: list[str] | None, synthesis: dict | None,
+            grid: Grid) -> torch.Tensor:
+    """The judged images through the base model's preprocessing (the candidate's is the same: one architecture)."""
     if data_path is not None:
-        images = LabelledImages.from_folder(data_path, base_model.preprocess, grid)
-        return images, f"{data_uri or data_path} ({len(images.cells)} images)"
+        return LabelledImages.from_folder(data_path, base_model.preprocess, grid).pixels
     protos = load_prototypes(heldout_files or [], SynthesisConfig(**(synthesis or {})))
     assert protos.images is not None, "held-out prototype files must hold images"
-    images = LabelledImages.from_arrays(protos.images, protos.cells, base_model.preprocess)
-    return images, f"held-out prototypes ({len(images.cells)} images; data-free)"
+    return LabelledImages.from_arrays(protos.images, protos.cells, base_model.preprocess).pixels
 
 
 def measure(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], *, thresholds: dict,
             data_path: str | None, heldout_files: list[str] | None, synthesis: dict | None,
             data_uri: str | None) -> Verdict:
     """Per-cell accuracy of the base and `model` ({path}) on the same images and the gate's verdict over the
-    forget groups ([{mode, cells}]: one for a request, several for a cumulative ledger build)."""
+    forget groups ([{mode, cells}]: one for a request, several for a cumulative ledger build).
+
+    The candidate's image embeddings come from the base's through its own last linear map when its file is the base
+    with only that map changed (`clipforget.steps.verified_fold`, checked tensor by tensor); any other checkpoint is
+    run through its image tower."""
     from clipforget.io.checkpoints import load_model
 
     g = Grid.from_dict(grid)
     base_model = loaded_model(arch, base["path"], base["sha256"])
-    images, evaluation = evaluation_images(base_model, g, data_path, heldout_files, synthesis, data_uri)
+    if data_path is not None:
+        images = LabelledImages.from_folder(data_path, base_model.preprocess, g)
+        before, cells = image_features(base_model.model, images.pixels), images.cells
+        evaluation = f"{data_uri or data_path} ({len(cells)} images)"
+    else:
+        before, cells, evaluation = _heldout_evidence(base_model, base["sha256"], heldout_files or [], synthesis)
+    fold = verified_fold(base_model, model["path"])
+    if fold is not None:
+        after = fold.apply(before)
+    else:
+        get_run_logger().info("%s is not the base with only its image tower's last linear map changed: running it on "
+                              "the %d images", model["path"], len(cells))
+        after = image_features(load_model(arch, model["path"]).model,
+                               _pixels(base_model, data_path, heldout_files, synthesis, g))
     forget_groups = [ForgetGroup(x["mode"], tuple(parse_cells(x["cells"]))) for x in groups]
     forget = list(dict.fromkeys(c for fg in forget_groups for c in fg.cells))
     # held-out prototypes are also judged shifted along their spread; on images the images decide
-    shift = shift_cells(forget_groups, images.cells) if data_path is None else []
-    compared = evaluate_pair(base_model, load_model(arch, model["path"]), images, g, forget=forget, shift=shift)
+    shift = shift_cells(forget_groups, cells) if data_path is None else []
+    classifier = ZeroShotClassifier(base_model.model, base_model.tokenizer, g)  # the text tower is never folded
+    compared = compare_features(classifier, before, after, cells, forget=forget, shift=shift)
     return judge(forget_groups, compared.before, compared.after, Thresholds(**thresholds), evaluation, compared.probe,
                  shifted=compared.shifted)
 

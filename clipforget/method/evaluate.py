@@ -46,10 +46,15 @@ class LabelledImages:
     @classmethod
     def from_arrays(cls, images: np.ndarray | torch.Tensor, cells: Sequence[Cell], preprocess: Callable) -> LabelledImages:
         """uint8 [N, H, W, 3] images through the model's own preprocessing, as a folder would be."""
-        from PIL import Image
+        return cls(preprocess_arrays(images, preprocess), [Cell(*c) for c in cells])
 
-        arr = images.numpy() if isinstance(images, torch.Tensor) else images
-        return cls(torch.stack([preprocess(Image.fromarray(a)) for a in arr]), [Cell(*c) for c in cells])
+
+def preprocess_arrays(images: np.ndarray | torch.Tensor, preprocess: Callable) -> torch.Tensor:
+    """uint8 [N, H, W, 3] images → the model's input [N, 3, h, w] through its own preprocessing."""
+    from PIL import Image
+
+    arr = images.numpy() if isinstance(images, torch.Tensor) else images
+    return torch.stack([preprocess(Image.fromarray(a)) for a in arr])
 
 
 @torch.no_grad()

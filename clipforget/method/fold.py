@@ -75,3 +75,63 @@ def fold_projection(model: nn.Module, P: torch.Tensor) -> FinalMap:
         if lin.bias is not None:
             lin.bias.copy_((P_dev @ lin.bias.to(torch.float64)).to(lin.bias.dtype))
     return fm
+
+
+@dataclass(frozen=True)
+class FoldedMap:
+    """A candidate checkpoint that differs from its base only in the image tower's last linear map M' (the base's:
+    M, both [out, in], biases b', b): its image embedding is h' = P (h - b) + b' for the base's embedding
+    h = M x + b of the same image, with P = M' M⁺. Exact when M' = P M, which holds for a fold (M' = P M by
+    construction) and for any M' when M has full column rank (M⁺ M = I)."""
+
+    P: torch.Tensor  # [out, out], float64
+    bias: torch.Tensor  # the base's b [out], float64 (zeros without one)
+    folded_bias: torch.Tensor  # the candidate's b' [out], float64
+
+    def apply(self, base_features: torch.Tensor) -> torch.Tensor:
+        """The candidate's embeddings [N, out] (float32) from the base's."""
+        return ((base_features.double() - self.bias) @ self.P.T + self.folded_bias).float()
+
+
+def _map_tensors(fm: FinalMap, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(M [out, in], b [out] or None) of the map `fm` in a state dict."""
+    if fm.param is not None:
+        return state[fm.name].T, None
+    return state[f"{fm.name}.weight"], state.get(f"{fm.name}.bias")
+
+
+@torch.no_grad()
+def folded_map(model: nn.Module, candidate: dict[str, torch.Tensor], rtol: float = 1e-5) -> FoldedMap | None:
+    """Verify that the state dict `candidate` is `model` with only the last linear map of its image tower changed,
+    to M' = P M; return that P (and the biases), or None when it is anything else.
+
+    Every other tensor must be bitwise equal (dtype and shape too) and P M must equal M' to float32 rounding
+    (largest deviation at most `rtol` of the largest entry of M'); both maps must be stored in float32 or float64
+    (a 16-bit map rounds too coarsely to be checked this way) and M must have full rank.
+    """
+    fm = final_map(model)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if set(candidate) != set(state):
+        return None
+    map_keys = {fm.name} if fm.param is not None else {f"{fm.name}.weight", f"{fm.name}.bias"}
+    for k, v in state.items():
+        c = candidate[k]
+        if c.dtype != v.dtype or c.shape != v.shape:
+            return None
+        if k not in map_keys and not torch.equal(c.to(v.device), v):
+            return None
+    M, b = _map_tensors(fm, state)
+    M2, b2 = _map_tensors(fm, candidate)
+    if any(t.dtype not in (torch.float32, torch.float64) for t in (M, M2)):
+        return None
+    M, M2 = M.double().cpu(), M2.double().cpu()
+    if not bool(torch.isfinite(M2).all()):
+        return None
+    s = torch.linalg.svdvals(M)
+    if float(s[-1]) <= 1e-12 * float(s[0]):  # rank-deficient: P is not determined by M'
+        return None
+    P = M2 @ torch.linalg.pinv(M)
+    if float((P @ M - M2).abs().max()) > rtol * float(M2.abs().max()):
+        return None
+    zeros = torch.zeros(M.shape[0], dtype=torch.float64)
+    return FoldedMap(P, zeros if b is None else b.double().cpu(), zeros if b2 is None else b2.double().cpu())

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -133,6 +134,38 @@ def measured_cpu_precision(model: Any, batch: int = 4) -> Literal["fp32", "bf16"
         choice = "fp32" if rates["fp32"] >= FP32_OVER_BF16 * rates["bf16"] else "bf16"
         _MEASURED[key] = {"choice": choice, "image_steps_per_s": {k: round(v, 1) for k, v in rates.items()}}
     return _MEASURED[key]["choice"]
+
+
+def measurement_record(model: Any) -> dict[str, Any]:
+    """What `measured_cpu_precision` decided for `model` in this process (measuring it if it has not), as JSON-able
+    data that `restore_measurement` puts back in another process on the same machine."""
+    choice = measured_cpu_precision(model)
+    key = _model_key(model)
+    return {"key": list(key), "choice": choice, "image_steps_per_s": _MEASURED[key]["image_steps_per_s"]}
+
+
+def restore_measurement(record: dict[str, Any]) -> Literal["fp32", "bf16"]:
+    """Take a `measurement_record` made earlier on this machine as this process's measurement of that model (it is
+    reported as measured, and not measured again); returns its choice."""
+    if record.get("choice") not in ("fp32", "bf16") or not isinstance(record.get("key"), list):
+        raise ValueError(f"not a precision measurement: {record!r}")
+    key = tuple(record["key"])
+    _MEASURED[key] = {"choice": record["choice"], "image_steps_per_s": dict(record.get("image_steps_per_s", {}))}
+    return record["choice"]
+
+
+def machine_fingerprint() -> dict[str, str]:
+    """What a precision measurement holds for: this CPU (model name, capability, native bf16), torch's threads and
+    torch's version."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu": name or platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": str(cpu_has_native_bf16()),
+            "torch_threads": str(torch.get_num_threads()), "torch": torch.__version__}
 
 
 def hardware_summary(device: torch.device | str = "cpu") -> dict[str, str]:

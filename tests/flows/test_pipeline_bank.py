@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from clipforget.io.bank import PrototypeBank, cell_key, load_prototypes, synthesize_with_bank
@@ -95,3 +98,41 @@ def test_heldout_prototypes_come_from_another_generator_than_the_projections():
         assert cfg.augment_decay == HELDOUT_AUGMENT_DECAY != policy.augment_decay
         assert cfg.seed != policy.seed and cfg.first_index == 10 * b
         assert cell_key("a" * 64, cells[0], cfg) != cell_key("a" * 64, cells[0], policy)
+
+
+def test_the_precision_measurement_is_kept_per_checkpoint_and_machine(tmp_path, monkeypatch):
+    """On a CPU with native bf16, `auto` measures the model once on a machine: a later request (a new process)
+    decides the same way from the cache without loading the model (ViT-B-32: 8.5 s a command); an unreadable
+    record is measured again and replaced."""
+    import clipforget.method.synthesis as S
+    import flows.fanout as fanout
+    import tasks.common
+
+    monkeypatch.setenv("CLIPFORGET_CACHE", str(tmp_path))
+    monkeypatch.setattr(S, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(S, "_MEASURED", {})
+    toy = load_model("toy")
+    loads = []
+    monkeypatch.setattr(tasks.common, "loaded_model", lambda *a: loads.append(a) or toy)
+    first = fanout._decided({"precision": "auto"}, "toy", "ckpt", "a" * 64)
+    assert first["precision"] in ("fp32", "bf16") and len(loads) == 1
+    kept = list((tmp_path / "precision").glob("*.json"))
+    assert len(kept) == 1
+
+    monkeypatch.setattr(S, "_MEASURED", {})  # as in a new process
+    monkeypatch.setattr(S, "measured_cpu_precision", lambda model: pytest.fail("measured again"))
+    assert fanout._decided({"precision": "auto"}, "toy", "ckpt", "a" * 64) == first
+    assert len(loads) == 1  # the model was not loaded either
+    assert "fp32" in S.hardware_summary("cpu")["measured_image_steps_per_s"]  # reported as measured
+    assert fanout._decided({"precision": "fp32"}, "toy", "ckpt", "a" * 64)["precision"] == "fp32"
+
+    monkeypatch.undo()
+    monkeypatch.setenv("CLIPFORGET_CACHE", str(tmp_path))
+    monkeypatch.setattr(S, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(S, "_MEASURED", {})
+    monkeypatch.setattr(tasks.common, "loaded_model", lambda *a: loads.append(a) or toy)
+    kept[0].write_text("{not json")
+    assert fanout._decided({"precision": "auto"}, "toy", "ckpt", "a" * 64)["precision"] in ("fp32", "bf16")
+    assert len(loads) == 2 and json.loads(kept[0].read_text())["choice"] in ("fp32", "bf16")
+    other = fanout._decided({"precision": "auto"}, "toy", "ckpt", "b" * 64)  # another checkpoint: its own record
+    assert len(loads) == 3 and len(list((tmp_path / "precision").glob("*.json"))) == 2 and other["precision"]
