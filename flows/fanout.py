@@ -10,15 +10,13 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from prefect import get_run_logger
-
 from clipforget.io.bank import PrototypeBank
 from clipforget.method.projection import text_targets
 from clipforget.method.synthesis import Prototypes, SynthesisConfig
 from clipforget.steps import cell_names, load_text, parse_cells
 from flows import runners
 from tasks.build import precision_report, synthesize_chunk, synthesize_into_bank
-from tasks.common import work_root
+from tasks.common import run_logger, work_root
 
 
 def _decided(synthesis: dict, arch: str, checkpoint: str, sha256: str) -> dict:
@@ -51,10 +49,7 @@ def _decided(synthesis: dict, arch: str, checkpoint: str, sha256: str) -> dict:
 
 
 def _logger() -> Any:
-    from prefect.context import FlowRunContext, TaskRunContext
-    from prefect.logging import get_logger
-
-    return get_run_logger() if FlowRunContext.get() or TaskRunContext.get() else get_logger("clipforget.synthesis")
+    return run_logger("clipforget.synthesis")
 
 
 def _missing(bank: PrototypeBank, sha256: str, cells: list[str], config: SynthesisConfig, with_images: bool) -> list:

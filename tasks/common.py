@@ -15,6 +15,14 @@ def work_root() -> Path:
     return cache_root()
 
 
+def run_logger(name: str) -> Any:
+    """The Prefect run's logger inside a flow or task run, else the logger `name` (a caller outside any run)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging import get_logger, get_run_logger
+
+    return get_run_logger() if FlowRunContext.get() or TaskRunContext.get() else get_logger(name)
+
+
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry network trouble and server errors; a checksum mismatch or a missing object fails at once."""
     exc = getattr(state, "data", None)

@@ -15,7 +15,7 @@ from clipforget.method.evaluate import LabelledImages, ZeroShotClassifier, image
 from clipforget.method.grid import Cell, Grid
 from clipforget.method.synthesis import SynthesisConfig
 from clipforget.steps import compare_features, parse_cells, verified_fold
-from tasks.common import loaded_model, work_root
+from tasks.common import loaded_model, run_logger, work_root
 
 
 def artifact_key(request_id: str, what: str) -> str:
@@ -95,8 +95,8 @@ def measure(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], 
     if fold is not None:
         after = fold.apply(before)
     else:
-        get_run_logger().info("%s is not the base with only its image tower's last linear map changed: running it on "
-                              "the %d images", model["path"], len(cells))
+        run_logger("clipforget.validate").info("%s is not the base with only its image tower's last linear map "
+                                               "changed: running it on the %d images", model["path"], len(cells))
         after = image_features(load_model(arch, model["path"]).model,
                                _pixels(base_model, data_path, heldout_files, synthesis, g))
     forget_groups = [ForgetGroup(x["mode"], tuple(parse_cells(x["cells"]))) for x in groups]
