@@ -244,7 +244,7 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
         name=policy.registered_name, record=record, grid=grid_dict, unlearned=unlearned["path"],
         projection_file=projection["path"], example=_example(data_path, heldout), params=params,
         report={k: v for k, v in report.items() if k not in ("before", "after")}, promote=promote,
-        extra_tags=build.tags, pictures=pictures)
+        extra_tags=build.tags, pictures=pictures, base=base)
     step("register", t)
     logger.info("approved: %s version %s", policy.registered_name, report["registered"]["version"])
     return done()

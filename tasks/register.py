@@ -40,18 +40,21 @@ def _example_image(path: str):
 @task(name="register_model", retries=2, retry_delay_seconds=5)
 def register_model(*, name: str, record: registry.Registration, grid: dict, unlearned: str, projection_file: str,
                    example: str, params: dict, report: dict, promote: bool, extra_tags: dict | None = None,
-                   pictures: dict | None = None) -> dict:
+                   pictures: dict | None = None, base: dict | None = None) -> dict:
     """Log the pickle-free pyfunc of the checkpoint `unlearned`, register it under `name` with its model card and
     the record's tags (plus `extra_tags`), alias `candidate` (and `champion` on promotion); `pictures`
-    ({name: PNG}) go to the run and are linked from the Prefect run."""
+    ({name: PNG}) go to the run and are linked from the Prefect run. The pyfunc's zero-shot classifier comes from
+    the text tower of `base` ({path, sha256}: the checkpoint `unlearned` was folded from, whose text tower it
+    shares, already loaded in this process), else from `unlearned`'s."""
     from clipforget.io.checkpoints import load_model
     from clipforget.method.evaluate import ZeroShotClassifier
+    from tasks.common import loaded_model
     from tasks.pictures import picture_artifacts
 
     logger = get_run_logger()
     g = Grid.from_dict(grid)
-    model = load_model(record.arch, unlearned)
-    classifier = ZeroShotClassifier(model.model, model.tokenizer, g).weights  # text tower as the base's
+    model = loaded_model(record.arch, base["path"], base["sha256"]) if base else load_model(record.arch, unlearned)
+    classifier = ZeroShotClassifier(model.model, model.tokenizer, g).weights
     workdir = Path(unlearned).parent / "package"
     artifacts = registry.package_model(workdir, Path(unlearned), record.arch, Path(projection_file),
                                        g.classes, classifier, grid)
