@@ -66,7 +66,8 @@ def test_measured_verdict_is_the_candidates_own(toy, toy_grid, text_bank, heldou
     assert verdict.before.to_dict() == running.before.to_dict()
     assert verdict.after.to_dict() == running.after.to_dict()
     assert [p.to_dict() for p in verdict.probe] == [p.to_dict() for p in running.probe]
-    assert verdict.after.by_cell()[FORGET].accuracy < verdict.before.by_cell()[FORGET].accuracy  # the request did forget something
+    # the request did forget something
+    assert verdict.after.by_cell()[FORGET].accuracy < verdict.before.by_cell()[FORGET].accuracy
 
     # the base's embeddings are cached per checkpoint and bank file: a second request runs no image tower at all
     # unless its candidate is not a fold (then that candidate, and only it, is run)
