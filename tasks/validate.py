@@ -82,12 +82,12 @@ def measure(arch: str, base: dict, model: dict, grid: dict, groups: list[dict], 
     with only that map changed (`clipforget.steps.verified_fold`, checked tensor by tensor); any other checkpoint is
     run through its image tower."""
     from clipforget.io.checkpoints import load_model
+    from clipforget.io.features import folder_image_features
 
     g = Grid.from_dict(grid)
     base_model = loaded_model(arch, base["path"], base["sha256"])
-    if data_path is not None:
-        images = LabelledImages.from_folder(data_path, base_model.preprocess, g)
-        before, cells = image_features(base_model.model, images.pixels), images.cells
+    if data_path is not None:  # the base's embeddings of these exact images, cached per checkpoint
+        before, cells = folder_image_features(base_model, base["sha256"], data_path, g, work_root() / "features")
         evaluation = f"{data_uri or data_path} ({len(cells)} images)"
     else:
         before, cells, evaluation = _heldout_evidence(base_model, base["sha256"], heldout_files or [], synthesis)

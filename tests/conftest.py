@@ -38,9 +38,15 @@ def toy_grid():
 
 
 @pytest.fixture(scope="session")
-def test_images(toy, toy_grid):
-    imgs, cells = render_cells(toy_grid.cells, PER_CELL, TEST_SEED)
-    return LabelledImages.from_arrays(imgs, cells, toy.preprocess)
+def test_render(toy_grid):
+    """The fresh test render (seed 3, 50 images per cell) as arrays: the core's target tests measure on it and the S3
+    fixture serves it as the pipeline's evaluation set."""
+    return render_cells(toy_grid.cells, PER_CELL, TEST_SEED)
+
+
+@pytest.fixture(scope="session")
+def test_images(toy, test_render):
+    return LabelledImages.from_arrays(*test_render, toy.preprocess)
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +55,35 @@ def classifier(toy, toy_grid):
 
 
 @pytest.fixture(scope="session")
-def base_report(toy, test_images, classifier):
-    return classifier.evaluate(image_features(toy.model, test_images.pixels), test_images.cells)
+def base_features(toy, test_images):
+    return image_features(toy.model, test_images.pixels)
+
+
+@pytest.fixture(scope="session")
+def base_report(base_features, test_images, classifier):
+    return classifier.evaluate(base_features, test_images.cells)
+
+
+@pytest.fixture(scope="session")
+def folded_features(toy, base_features):
+    """`folded_features(P)`: the test render's embeddings by the toy model with P folded into a copy of it.
+
+    The copy's own last linear map is read back and verified to be a fold of the base (`folded_map`, the gate's
+    check: every other tensor bitwise the base's), so its embeddings are that map applied to the base's features
+    (exact for a fold; tests/method/test_fold.py and tests/tasks/test_validate_measure.py compare it with running
+    the folded tower) -- what the gate does, at a fraction of running the whole tower per fold."""
+    import copy
+
+    from clipforget.method.fold import fold_projection, folded_map
+
+    def features(P: torch.Tensor) -> torch.Tensor:
+        model = copy.deepcopy(toy.model)
+        fold_projection(model, P)
+        fm = folded_map(toy.model, model.state_dict())
+        assert fm is not None, "the folded copy is not a fold of the toy model"
+        return fm.apply(base_features)
+
+    return features
 
 
 @pytest.fixture(scope="session")
@@ -93,10 +126,8 @@ def prototype_bank(toy, toy_grid, text_bank, tmp_path_factory):
 # --- real servers, once per process (tests/flows and tests/reliability both use these) ---
 
 BUCKET = "clipforget-test"
-# the evaluation set of the core's target tests (tests/test_toy_targets.py: render seed 3, 50 per cell), so
-# the pipeline's gate sees what those tests see; training used render seed 0
-EVAL_SEED, EVAL_PER_CELL = 3, 50
-
+# the pipeline's evaluation set is the core target tests' render (`test_render`: seed 3, 50 per cell), so the
+# pipeline's gate sees what those tests see; training used render seed 0
 
 
 @pytest.fixture(scope="session")
@@ -124,16 +155,20 @@ def pipeline_env(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def s3(pipeline_env):
+def s3(pipeline_env, test_render):
     """A moto S3 server over HTTP: s3://BUCKET/models/toy.safetensors (sha256 metadata) and
-    s3://BUCKET/eval/toy/<domain>/<class>/<i>.png."""
+    s3://BUCKET/eval/toy/<domain>/<class>/<i>.png (the test render).
+
+    The 2,000 evaluation images are put straight into the server's in-process store (what 2,000 PUTs over HTTP
+    would leave there, in a tenth of the time); everything the tests and the product do goes over HTTP."""
     import boto3
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
     from moto.server import ThreadedMotoServer
 
     from clipforget.io.registry import encode_png
     from clipforget.method.data import cell_dir
-    from clipforget.method.grid import Cell, resolve_grid
-    from clipforget.toyworld.render import render_cells
+    from clipforget.method.grid import Cell
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -143,13 +178,14 @@ def s3(pipeline_env):
     client.create_bucket(Bucket=BUCKET)
     sha = sha256_file(TOY_WEIGHTS)
     client.upload_file(str(TOY_WEIGHTS), BUCKET, "models/toy.safetensors", ExtraArgs={"Metadata": {"sha256": sha}})
-    images, cells = render_cells(resolve_grid("toy").cells, EVAL_PER_CELL, EVAL_SEED)
+    store = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
     counts: dict = {}
-    for image, (cls, domain) in zip(images, cells, strict=True):
+    for image, (cls, domain) in zip(*test_render, strict=True):
         cell = Cell(cls, domain)
         i = counts[cell] = counts.get(cell, -1) + 1
-        key = (cell_dir("eval/toy", cell) / f"{i}.png").as_posix()
-        client.put_object(Bucket=BUCKET, Key=key, Body=encode_png(image))
+        store.put_object(BUCKET, (cell_dir("eval/toy", cell) / f"{i}.png").as_posix(), encode_png(image))
+    listed = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="eval/toy/")
+    assert sum(p.get("KeyCount", 0) for p in listed) == len(test_render[1])  # the server serves what was stored
     yield {"endpoint": os.environ["AWS_ENDPOINT_URL"], "bucket": BUCKET, "client": client, "sha256": sha,
            "checkpoint": f"s3://{BUCKET}/models/toy.safetensors", "eval": f"s3://{BUCKET}/eval/toy/"}
     server.stop()

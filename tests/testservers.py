@@ -38,7 +38,11 @@ def wait_until_healthy(url: str, alive: Callable[[], bool], log: Callable[[], st
 @contextmanager
 def mlflow_server(root: Path) -> Iterator[str]:
     """A real `mlflow server` subprocess (SQLite backend, proxied artifacts under `root`) on a free local port;
-    MLFLOW_TRACKING_URI points at it while the context is open."""
+    MLFLOW_TRACKING_URI points at it while the context is open.
+
+    Without MLflow's job execution (`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`): clipforget submits no server
+    jobs, and the job runner and its seven huey consumer processes, each importing MLflow, cost about 3 CPU-minutes per
+    server on a 2-core machine (profiled with py-spy, 2026-12-02)."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = root / "server.log"
@@ -46,7 +50,8 @@ def mlflow_server(root: Path) -> Iterator[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=root)
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=root,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(f"{url}/health", lambda: proc.poll() is None, log_path.read_text, "mlflow server")

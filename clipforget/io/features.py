@@ -1,9 +1,12 @@
-"""Image embeddings of a checkpoint on prototype bank files, cached per checkpoint and file content.
+"""Image embeddings of a checkpoint on prototype bank files and on labelled image folders, cached per checkpoint
+and content.
 
-The gate judges a data-free request on held-out prototypes that most requests share (the kept cells'), and the
-base model's embeddings of them do not change between requests: they are computed once per checkpoint and bank
-file and kept under `features/<checkpoint sha256>/`, keyed by the sha256 of the bank file's bytes (a bank file
-pruned and synthesized again is a new key) and by where they were computed (device type and the model's dtype).
+The gate judges a data-free request on held-out prototypes that most requests share (the kept cells'), and a
+request with evaluation images usually on the same images as the requests before it; the base model's embeddings
+of either do not change between requests: they are computed once per checkpoint and content and kept under
+`features/<checkpoint sha256>/`, keyed by the sha256 of the bank file's bytes (a bank file pruned and synthesized
+again is a new key) or of the folder's listing and every image's bytes (an image added, removed, renamed or changed
+is a new key), and by where they were computed (device type and the model's dtype).
 """
 
 from __future__ import annotations
@@ -26,11 +29,48 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _where(model: torch.nn.Module) -> str:
+    p = next(model.parameters())
+    return f"{p.device.type}-{str(p.dtype).removeprefix('torch.')}"
+
+
 def feature_path(root: str | Path, checkpoint_sha256: str, bank_file: str | Path, model: torch.nn.Module) -> Path:
     """Where the embeddings of `bank_file`'s images under `model` (the checkpoint `checkpoint_sha256`) are kept."""
-    p = next(model.parameters())
-    where = f"{p.device.type}-{str(p.dtype).removeprefix('torch.')}"
-    return Path(root) / checkpoint_sha256 / f"{_file_sha256(Path(bank_file))[:32]}-{where}.safetensors"
+    return Path(root) / checkpoint_sha256 / f"{_file_sha256(Path(bank_file))[:32]}-{_where(model)}.safetensors"
+
+
+def folder_image_features(loaded, checkpoint_sha256: str, folder: str | Path, grid, root: str | Path
+                          ) -> tuple[torch.Tensor, list]:
+    """Unnormalized image embeddings [N, d] (float32) of a labelled folder's images under `loaded` (a LoadedModel
+    of the checkpoint `checkpoint_sha256`) and the cell of each, in the order of
+    `clipforget.method.evaluate.LabelledImages.from_folder`. The folder passes that method's checks every time; its
+    images are decoded and embedded only when this checkpoint has not embedded exactly these bytes under these
+    names before (then cached, written atomically)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from clipforget.method.data import check_labelled_folder
+    from clipforget.method.evaluate import LabelledImages, image_features
+
+    root_dir = Path(folder)
+    items = check_labelled_folder(root_dir, grid)  # layout, grid, symlinks, every image's header: as from_folder
+    h = hashlib.sha256(b"clipforget labelled folder v1\n")
+    for path, cell in items:
+        h.update(f"{path.relative_to(root_dir).as_posix()}\t{cell.cls}\t{cell.domain}\t{_file_sha256(path)}\n".encode())
+    cells = [c for _, c in items]
+    path = Path(root) / checkpoint_sha256 / f"folder-{h.hexdigest()[:32]}-{_where(loaded.model)}.safetensors"
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            features = f.get_tensor("features")
+        if len(features) == len(items):
+            touch(path)
+            return features, cells
+    images = LabelledImages.from_folder(root_dir, loaded.preprocess, grid)
+    features = image_features(loaded.model, images.pixels)
+    with atomic_path(path) as tmp:
+        save_file({"features": features.contiguous()}, str(tmp),
+                  metadata={"checkpoint_sha256": checkpoint_sha256, "images": str(len(items))})
+    return features, images.cells
 
 
 def bank_image_features(loaded, checkpoint_sha256: str, bank_files: Sequence[str | Path], root: str | Path

@@ -83,3 +83,45 @@ def test_measured_verdict_is_the_candidates_own(toy, toy_grid, text_bank, heldou
                     **args)
     assert again.after.to_dict() == verdict.after.to_dict()
     assert len(runs) == (1 if tamper else 0)
+
+
+def test_evaluation_images_are_embedded_once_per_checkpoint_and_content(toy, toy_grid, text_bank, heldout, tmp_path,
+                                                                       monkeypatch):
+    """A request judged on an image folder: the base's embeddings of exactly those bytes are cached, so the next
+    request on the same images runs no image tower; one image changed (or one more) is new content, embedded again,
+    and every verdict is the one running both models on the folder gives."""
+    import tasks.validate
+    from tasks.validate import measure
+
+    from clipforget.method.data import write_image
+
+    _, _, imgs, cells = heldout
+    folder = tmp_path / "eval"
+    for i, (image, cell) in enumerate(zip(imgs, cells, strict=True)):
+        write_image(folder, Cell(*cell), i, image)
+    candidate = _candidate(toy, text_bank, tmp_path / "candidate.safetensors")
+    base = {"path": toy.checkpoint, "sha256": toy.sha256}
+    runs: list = []
+    monkeypatch.setattr(tasks.validate, "image_features", lambda model, pixels, **kw: runs.append(model) or
+                        image_features(model, pixels, **kw))
+    monkeypatch.setattr(evaluate, "image_features", tasks.validate.image_features)
+
+    def judged():
+        runs.clear()
+        verdict = measure("toy", base, {"path": candidate}, toy_grid.to_dict(),
+                          [{"mode": "domain", "cells": [str(FORGET)]}], thresholds={}, data_path=str(folder),
+                          heldout_files=None, synthesis=None, data_uri=None)
+        ran = len(runs)
+        images = LabelledImages.from_folder(folder, toy.preprocess, toy_grid)
+        running = compare_models(ZeroShotClassifier(toy.model, toy.tokenizer, toy_grid), toy.model,
+                                 load_model("toy", candidate).model, images, [FORGET])
+        assert verdict.before.to_dict() == running.before.to_dict()
+        assert verdict.after.to_dict() == running.after.to_dict()
+        return ran
+
+    assert judged() == 1  # first time: the base runs on the folder
+    assert judged() == 0  # the same bytes: cached
+    changed, other = sorted((folder / "sketch" / "star").glob("*.png"))[0], sorted((folder / "photo" / "star").glob("*.png"))[0]
+    changed.write_bytes(other.read_bytes())
+    assert judged() == 1  # one image's bytes changed: embedded again
+    assert judged() == 0
