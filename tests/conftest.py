@@ -137,7 +137,10 @@ def pipeline_env(tmp_path_factory):
     updates = {"CLIPFORGET_CACHE": str(root / "cache"), "AWS_ACCESS_KEY_ID": "testing",
                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOCAL_STORAGE_PATH": str(root / "prefect-results"),
-               "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
+               "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+               # the pictures' prototype strip: one synthesized image per forgotten cell instead of 4 (one row per
+               # cell either way, what the tests look at); a strip costs a first request ~30 CPU-seconds on the toy
+               "CLIPFORGET_STRIP_PER_CELL": "1"}
     for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
         updates.setdefault(key, "")
     saved = {k: os.environ.get(k) for k in updates}
