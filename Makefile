@@ -22,7 +22,7 @@ lint: install
 # two pytest workers, one test file each at a time: much of the suite waits on servers and subprocesses, so a
 # second worker fills the idle core (tests/conftest.py gives each worker one torch thread)
 test: install lint
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25
 
 results: install
 	$(VENV)/bin/python bench/results.py --json runs/results.json --markdown docs/RESULTS.md

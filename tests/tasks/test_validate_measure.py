@@ -88,12 +88,11 @@ def test_measured_verdict_is_the_candidates_own(toy, toy_grid, text_bank, heldou
 def test_evaluation_images_are_embedded_once_per_checkpoint_and_content(toy, toy_grid, text_bank, heldout, tmp_path,
                                                                        monkeypatch):
     """A request judged on an image folder: the base's embeddings of exactly those bytes are cached, so the next
-    request on the same images runs no image tower; one image changed (or one more) is new content, embedded again,
+    request on the same images runs no image tower; one image's bytes changed is new content, embedded again,
     and every verdict is the one running both models on the folder gives."""
     import tasks.validate
-    from tasks.validate import measure
-
     from clipforget.method.data import write_image
+    from tasks.validate import measure
 
     _, _, imgs, cells = heldout
     folder = tmp_path / "eval"
@@ -121,7 +120,7 @@ def test_evaluation_images_are_embedded_once_per_checkpoint_and_content(toy, toy
 
     assert judged() == 1  # first time: the base runs on the folder
     assert judged() == 0  # the same bytes: cached
-    changed, other = sorted((folder / "sketch" / "star").glob("*.png"))[0], sorted((folder / "photo" / "star").glob("*.png"))[0]
-    changed.write_bytes(other.read_bytes())
+    changed = sorted((folder / "sketch" / "star").glob("*.png"))[0]
+    changed.write_bytes(sorted((folder / "photo" / "star").glob("*.png"))[0].read_bytes())
     assert judged() == 1  # one image's bytes changed: embedded again
     assert judged() == 0
