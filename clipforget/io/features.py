@@ -34,6 +34,25 @@ def _where(model: torch.nn.Module) -> str:
     return f"{p.device.type}-{str(p.dtype).removeprefix('torch.')}"
 
 
+def _load(path: Path) -> torch.Tensor | None:
+    """Cached embeddings, or None when there are none (a hit counts as a use for the cache's pruning)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        features = f.get_tensor("features")
+    touch(path)
+    return features
+
+
+def _store(path: Path, features: torch.Tensor, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({"features": features.contiguous()}, str(tmp), metadata=metadata)
+
+
 def feature_path(root: str | Path, checkpoint_sha256: str, bank_file: str | Path, model: torch.nn.Module) -> Path:
     """Where the embeddings of `bank_file`'s images under `model` (the checkpoint `checkpoint_sha256`) are kept."""
     return Path(root) / checkpoint_sha256 / f"{_file_sha256(Path(bank_file))[:32]}-{_where(model)}.safetensors"
@@ -46,9 +65,6 @@ def folder_image_features(loaded, checkpoint_sha256: str, folder: str | Path, gr
     `clipforget.method.evaluate.LabelledImages.from_folder`. The folder passes that method's checks every time; its
     images are decoded and embedded only when this checkpoint has not embedded exactly these bytes under these
     names before (then cached, written atomically)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from clipforget.method.data import check_labelled_folder
     from clipforget.method.evaluate import LabelledImages, image_features
 
@@ -59,18 +75,12 @@ def folder_image_features(loaded, checkpoint_sha256: str, folder: str | Path, gr
         h.update(f"{path.relative_to(root_dir).as_posix()}\t{cell.cls}\t{cell.domain}\t{_file_sha256(path)}\n".encode())
     cells = [c for _, c in items]
     path = Path(root) / checkpoint_sha256 / f"folder-{h.hexdigest()[:32]}-{_where(loaded.model)}.safetensors"
-    if path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            features = f.get_tensor("features")
-        if len(features) == len(items):
-            touch(path)
-            return features, cells
-    images = LabelledImages.from_folder(root_dir, loaded.preprocess, grid)
-    features = image_features(loaded.model, images.pixels)
-    with atomic_path(path) as tmp:
-        save_file({"features": features.contiguous()}, str(tmp),
-                  metadata={"checkpoint_sha256": checkpoint_sha256, "images": str(len(items))})
-    return features, images.cells
+    cached = _load(path)
+    if cached is not None and len(cached) == len(items):
+        return cached, cells
+    features = image_features(loaded.model, LabelledImages.from_items(items, loaded.preprocess).pixels)
+    _store(path, features, {"checkpoint_sha256": checkpoint_sha256, "images": str(len(items))})
+    return features, cells
 
 
 def bank_image_features(loaded, checkpoint_sha256: str, bank_files: Sequence[str | Path], root: str | Path
@@ -80,17 +90,11 @@ def bank_image_features(loaded, checkpoint_sha256: str, bank_files: Sequence[str
     `checkpoint_sha256`), through the model's own preprocessing; computed for the files not cached yet, in one
     batch, then cached (each file written atomically)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from clipforget.method.evaluate import image_features, preprocess_arrays
 
     paths = [feature_path(root, checkpoint_sha256, f, loaded.model) for f in bank_files]
-    have: dict[int, torch.Tensor] = {}
-    for i, p in enumerate(paths):
-        if p.is_file():
-            with safe_open(str(p), framework="pt") as f:
-                have[i] = f.get_tensor("features")
-            touch(p)
+    have = {i: t for i, t in enumerate(map(_load, paths)) if t is not None}
     missing = [i for i in range(len(paths)) if i not in have]
     if missing:
         images = []
@@ -102,8 +106,6 @@ def bank_image_features(loaded, checkpoint_sha256: str, bank_files: Sequence[str
         pixels = preprocess_arrays(torch.cat(images), loaded.preprocess)
         feats = image_features(loaded.model, pixels).split([len(x) for x in images])
         for i, fi in zip(missing, feats, strict=True):
-            with atomic_path(paths[i]) as tmp:
-                save_file({"features": fi.contiguous()}, str(tmp),
-                          metadata={"checkpoint_sha256": checkpoint_sha256, "bank_file": Path(bank_files[i]).name})
+            _store(paths[i], fi, {"checkpoint_sha256": checkpoint_sha256, "bank_file": Path(bank_files[i]).name})
             have[i] = fi
     return torch.cat([have[i] for i in range(len(paths))]) if paths else torch.empty(0)

@@ -30,9 +30,13 @@ class LabelledImages:
 
     @classmethod
     def from_folder(cls, root: str | Path, preprocess: Callable, grid: Grid | None = None) -> LabelledImages:
+        return cls.from_items(check_labelled_folder(root, grid), preprocess)  # a corrupt file fails here, naming it
+
+    @classmethod
+    def from_items(cls, items: Sequence[tuple[Path, Cell]], preprocess: Callable) -> LabelledImages:
+        """The images of a checked folder's (path, cell) list (`check_labelled_folder`), decoded in that order."""
         from PIL import Image
 
-        items = check_labelled_folder(root, grid)  # a corrupt file fails here, naming it
         pixels = []
         for path, _ in items:
             try:
