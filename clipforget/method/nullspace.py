@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-Kind = Literal["soft", "hard"]
+Kind = Literal["soft", "hard", "margin", "gated"]
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ class NullspaceConfig:
     """How the projection is built. `same_class_weight` up-weights retain cells that share a class
     with a forget cell (the same class in kept domains, in `domain` mode)."""
 
-    kind: Literal["soft", "hard", "margin"] = "hard"
+    kind: Literal["soft", "hard", "margin", "gated"] = "hard"
     source: Source = "multimodal"
     lam: float = 100.0
     mu: float = 10.0
@@ -68,6 +68,9 @@ class NullspaceConfig:
     # kind "margin": the radius of the other classes' prototypes in a forgotten cell's domain, where most collateral on
     # images falls; 0: the other-class radius
     same_domain_radius: float = 0.0
+    # kind "gated" (clipforget.method.gated; measured, no mode's default): the ridge of its domain detectors. It also
+    # reads margin, retain_margin, margin_weight and margin_steps (measured with 0.1, 0.05, 1 and 400)
+    ridge: float = 0.1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -222,6 +225,14 @@ def fit_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: dict[Ce
     classifier the margin kind works against."""
     if config.kind == "margin":
         return fit_margin_projection(forget, retain, text, protos, classifier, config)
+    if config.kind == "gated":
+        from clipforget.method.gated import gated_projection
+
+        if protos is None or classifier is None:
+            raise ValueError("a gated projection needs prototypes and the zero-shot classifier")
+        return gated_projection(forget, protos.embeddings, protos.cells, classifier[0], classifier[1],
+                                margin=config.margin, retain_margin=config.retain_margin, weight=config.margin_weight,
+                                ridge=config.ridge, steps=config.margin_steps)
     F, fw, R, rw = forget_retain_sets(forget, retain, text, protos, config)
     return build_projection(F, fw, R, rw, config)
 
