@@ -11,8 +11,9 @@ h to lower c's zero-shot logit and nothing else. This map does that with a handf
 - U [forgotten classes, d]: the part of each forgotten class's zero-shot row orthogonal to every other class's row.
   Subtracting it lowers that class's logit and leaves every other logit where it was (before normalization), so an
   image of another class never flips because of it;
-- A [forgotten classes, domains], non-zero only where a class is forgotten in a domain: fitted on the prototypes, full-batch Adam on hinge terms: every forget prototype
-  loses its class by `margin`, every retain prototype keeps its own margin up to `retain_margin`.
+- A [forgotten classes, domains], non-zero only where a class is forgotten in a domain: fitted on the prototypes,
+  full-batch Adam on hinge terms: every forget prototype loses its class by `margin`, every retain prototype keeps
+  its own margin up to `retain_margin`.
 
 The margin map (clipforget.method.margin) fits a full d×d matrix on the same prototypes; this one fits at most
 classes × domains numbers, each estimated from every cell's prototypes at once. Since subtracting a multiple of U
