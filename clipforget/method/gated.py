@@ -53,7 +53,8 @@ def unique_row(classifier: torch.Tensor, index: int) -> torch.Tensor:
 
 def gated_projection(forget: Sequence[Cell], embeddings: torch.Tensor, cells: Sequence[Cell], classes: Sequence[str],
                      classifier: torch.Tensor, *, margin: float = 0.1, retain_margin: float = 0.05,
-                     weight: float = 1.0, ridge: float = 0.1, steps: int = 400, lr: float = 0.5) -> Projection:
+                     weight: float = 1.0, ridge: float = 0.1, steps: int = 400, lr: float = 0.5,
+                     radius: float = 0.0) -> Projection:
     """P [d, d] forgetting the cells `forget`, fitted on prototypes (`embeddings`, rows, of `cells`: every cell of the
     grid, so that the domain detectors see every class) against the zero-shot rows `classifier` of `classes`."""
     if not forget:
@@ -73,6 +74,9 @@ def gated_projection(forget: Sequence[Cell], embeddings: torch.Tensor, cells: Se
     fset = set(forget)
     is_f = torch.tensor([c in fset for c in cells])
     hv = h @ V.T
+    # within a ball of `radius` around a row its detector scores move by up to radius·‖v‖: forget rows are held to their
+    # margin at the lowest score, retain rows at the highest (the one that lowers a forgotten class the most)
+    spread = radius * V.norm(dim=-1)
     m0 = _margins(h, t, labels)
     keep = (~is_f) & (m0 > 0)  # retain prototypes the model got right keep their margin, up to `retain_margin`
     target = m0.clamp(max=retain_margin)
@@ -82,8 +86,9 @@ def gated_projection(forget: Sequence[Cell], embeddings: torch.Tensor, cells: Se
     A = torch.zeros(len(forgotten), len(domains), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([A], lr=lr)
     for _ in range(steps):
-        m = _margins(h - (hv @ (A * mask).T) @ U, t, labels)
-        loss = (F.relu(margin + m[is_f]).mean() + weight * F.relu(target[keep] - m[keep]).mean()
+        mf = _margins(h[is_f] - ((hv[is_f] - spread) @ (A * mask).T) @ U, t, labels[is_f])
+        mr = _margins(h[keep] - ((hv[keep] + spread) @ (A * mask).T) @ U, t, labels[keep])
+        loss = (F.relu(margin + mf).mean() + weight * F.relu(target[keep] - mr).mean()
                 + 1e-4 * (A ** 2).sum())
         opt.zero_grad()
         loss.backward()
@@ -92,6 +97,7 @@ def gated_projection(forget: Sequence[Cell], embeddings: torch.Tensor, cells: Se
     P = torch.eye(d, dtype=torch.float64) - U.T @ A @ V
     m = _margins(h @ P.T, t, labels)
     stats = {"margin": margin, "retain_margin": retain_margin, "weight": weight, "ridge": ridge, "steps": steps,
+             "radius": radius,
              "forget_violations": float((m[is_f] > -margin).double().mean()),
              "retain_flips": float(((m <= 0) & keep).double().sum() / keep.sum().clamp(min=1))}
     return Projection(P, "gated", stats)  # type: ignore[arg-type]

@@ -71,6 +71,7 @@ class NullspaceConfig:
     # kind "gated" (clipforget.method.gated; measured, no mode's default): the ridge of its domain detectors. It also
     # reads margin, retain_margin, margin_weight and margin_steps (measured with 0.1, 0.05, 1 and 400)
     ridge: float = 0.1
+    detector_radius: float = 0.0  # kind "gated": the radius within which prototypes are held (clipforget.method.gated)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,7 +233,7 @@ def fit_projection(forget: Sequence[Cell], retain: Sequence[Cell], text: dict[Ce
             raise ValueError("a gated projection needs prototypes and the zero-shot classifier")
         return gated_projection(forget, protos.embeddings, protos.cells, classifier[0], classifier[1],
                                 margin=config.margin, retain_margin=config.retain_margin, weight=config.margin_weight,
-                                ridge=config.ridge, steps=config.margin_steps)
+                                ridge=config.ridge, steps=config.margin_steps, radius=config.detector_radius)
     F, fw, R, rw = forget_retain_sets(forget, retain, text, protos, config)
     return build_projection(F, fw, R, rw, config)
 

@@ -70,3 +70,17 @@ def test_fit_projection_builds_the_gated_kind_and_refuses_it_without_prototypes(
         fit_projection(forget, retain, {}, None, cfg, (CLASSES, rows))
     with pytest.raises(ValueError, match="no prototypes for the forget cells"):
         gated_projection([Cell("b", "w")], emb, cells, CLASSES, rows)
+
+
+def test_detector_radius_pushes_the_forgotten_cell_further():
+    emb, cells, rows = _world()
+    forget = [Cell("c", "x")]
+    labels = torch.tensor([CLASSES.index(c.cls) for c in cells])
+    rows_f = torch.tensor([c in forget for c in cells])
+
+    def worst_forget_margin(radius: float) -> float:
+        proj = gated_projection(forget, emb, cells, CLASSES, rows, margin=0.1, radius=radius)
+        assert proj.params["radius"] == radius
+        return float(_margins(emb[rows_f] @ proj.P.T, F.normalize(rows, dim=-1), labels[rows_f]).max())
+
+    assert worst_forget_margin(0.1) < worst_forget_margin(0.0) < 0
