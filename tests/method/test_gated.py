@@ -72,15 +72,18 @@ def test_fit_projection_builds_the_gated_kind_and_refuses_it_without_prototypes(
         gated_projection([Cell("b", "w")], emb, cells, CLASSES, rows)
 
 
-def test_detector_radius_pushes_the_forgotten_cell_further():
+
+def test_detector_radius_holds_the_kept_cells_of_the_forgotten_class_when_their_detector_score_rises():
     emb, cells, rows = _world()
     forget = [Cell("c", "x")]
     labels = torch.tensor([CLASSES.index(c.cls) for c in cells])
-    rows_f = torch.tensor([c in forget for c in cells])
+    kept = torch.tensor([c.cls == "c" and c.domain != "x" for c in cells])
+    v = domain_detector(emb, cells, "x", ridge=0.1)
+    moved = emb[kept] + 0.2 * v / v.norm()  # each row 0.2 toward domain x: its score up by 0.2·‖v‖
 
-    def worst_forget_margin(radius: float) -> float:
+    def worst_kept_margin(radius: float) -> float:
         proj = gated_projection(forget, emb, cells, CLASSES, rows, margin=0.1, radius=radius)
-        assert proj.params["radius"] == radius
-        return float(_margins(emb[rows_f] @ proj.P.T, F.normalize(rows, dim=-1), labels[rows_f]).max())
+        assert proj.params["radius"] == radius and proj.params["forget_violations"] == 0.0
+        return float(_margins(moved @ proj.P.T, F.normalize(rows, dim=-1), labels[kept]).min())
 
-    assert worst_forget_margin(0.1) < worst_forget_margin(0.0) < 0
+    assert worst_kept_margin(0.2) > 0 > worst_kept_margin(0.0)
