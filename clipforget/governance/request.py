@@ -97,7 +97,7 @@ class ModelPolicy(BaseModel):
                                 "with the mode's image settings; default: data-free, prototypes")
     thresholds: Thresholds = Thresholds()
     synthesis: SynthesisSettings = SynthesisSettings()
-    projection: Literal["soft", "hard", "margin"] | None = None
+    projection: Literal["soft", "hard", "margin", "gated"] | None = None
     source: Literal["text", "prototypes", "multimodal"] | None = None
     registered_name: str | None = Field(default=None, description="MLflow registered model name; default clipforget-<arch>")
 

@@ -141,7 +141,7 @@ def forget_cmd(
     seed: int = SEED,
     precision: str = PRECISION,
     heldout_per_cell: int | None = HELDOUT,
-    kind: str = typer.Option(None, "--projection", help="soft, hard or margin (default per mode)."),
+    kind: str = typer.Option(None, "--projection", help="soft, hard, margin or gated (default per mode)."),
     source: str = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode)."),
     max_probe_excess: float = PROBE,
     templates: Path = TEMPLATES,

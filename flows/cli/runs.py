@@ -65,7 +65,7 @@ def unlearn_cmd(
     seed: int = SEED,
     precision: str = PRECISION,
     heldout_per_cell: int | None = HELDOUT,
-    kind: str = typer.Option(None, "--projection", help="soft, hard or margin (default per mode)."),
+    kind: str = typer.Option(None, "--projection", help="soft, hard, margin or gated (default per mode)."),
     source: str = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode)."),
 ) -> None:
     """Run the Prefect pipeline: fetch, unlearn, validate, and register the model in MLflow if it passes."""

@@ -87,3 +87,14 @@ def test_detector_radius_holds_the_kept_cells_of_the_forgotten_class_when_their_
         return float(_margins(moved @ proj.P.T, F.normalize(rows, dim=-1), labels[kept]).min())
 
     assert worst_kept_margin(0.2) > 0 > worst_kept_margin(0.0)
+
+
+def test_asking_for_the_gated_kind_brings_its_measured_settings():
+    from clipforget.governance.request import ModelPolicy
+    from clipforget.method.projection import GATED, default_config
+
+    assert ModelPolicy(projection="gated").projection == "gated"
+
+    cfg = default_config("domain", kind="gated")
+    assert cfg.kind == "gated" and all(getattr(cfg, k) == v for k, v in GATED.items())
+    assert default_config("domain").kind == "margin"
