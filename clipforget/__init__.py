@@ -17,6 +17,14 @@ Names are imported on first use, so `import clipforget` stays cheap.
 from __future__ import annotations
 
 import importlib
+import os
+
+# MKL's AVX-512 single-precision GEMM picks its kernel by matrix size on some CPUs (seen on an AMX Xeon): a cell's fp32
+# prototypes then depend on what else shared its batch (about 1e-3 apart after 5 steps), and a bank filled in one
+# batch would not match one filled cell by cell. MKL's reproducible AVX2 code path keeps them the same bits (measured:
+# the toy model's fp32 synthesis loop 4% slower there). It takes effect only if no MKL call ran before this import;
+# a value already set is kept (docs/PIPELINE.md, "Caches")
+os.environ.setdefault("MKL_CBWR", "AVX2")
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
