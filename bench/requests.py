@@ -232,12 +232,10 @@ def main() -> None:
 
     def judge(groups: list[ForgetGroup], kind: str | None):
         forget = list(dict.fromkeys(c for g in groups for c in g.cells))
-        cfg = default_config(cumulative_mode([g.mode for g in groups]), fit_on)
-        if kind:  # "KIND[:field=value...]", e.g. margin:margin_weight=10 (a kind's own settings first, as asked for)
-            name, *fields = kind.split(":")
-            cfg = default_config(cumulative_mode([g.mode for g in groups]), fit_on, kind=name)
-            over = {k: typed(getattr(cfg, k), v) for k, v in (f.split("=", 1) for f in fields)}
-            cfg = replace(cfg, **over)
+        # kind: "KIND[:field=value...]", e.g. margin:margin_weight=10 (the kind's own settings, then the fields)
+        name, *fields = (kind or "").split(":")
+        cfg = default_config(cumulative_mode([g.mode for g in groups]), fit_on, kind=name or None)
+        cfg = replace(cfg, **{k: typed(getattr(cfg, k), v) for k, v in (f.split("=", 1) for f in fields)})
         proj = fit_projection(forget, retain_cells(grid, forget), text, protos, cfg, rows_cls)
         rows, held_cells = evidence(groups)
         held_base = classifier.evaluate(held_feats[rows], held_cells)

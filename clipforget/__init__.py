@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import TYPE_CHECKING, Any
 
 # MKL's AVX-512 single-precision GEMM picks its kernel by matrix size on some CPUs (seen on an AMX Xeon): a cell's fp32
 # prototypes then depend on what else shared its batch (about 1e-3 apart after 5 steps), and a bank filled in one
@@ -25,7 +26,6 @@ import os
 # the toy model's fp32 synthesis loop 4% slower there). It takes effect only if no MKL call ran before this import;
 # a value already set is kept (docs/PIPELINE.md, "Caches")
 os.environ.setdefault("MKL_CBWR", "AVX2")
-from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "load_model": "clipforget.io.checkpoints",

@@ -22,6 +22,7 @@ can take a class's cosine margin only down to −‖u‖ (about −0.3 to −0.7
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -36,9 +37,7 @@ def domain_detector(embeddings: torch.Tensor, cells: Sequence[Cell], domain: str
     """v [d]: ridge least squares of the indicator of `domain` on the normalized rows, each cell weighted alike."""
     h = F.normalize(embeddings.double(), dim=-1)
     y = torch.tensor([1.0 if c.domain == domain else 0.0 for c in cells], dtype=torch.float64)
-    counts: dict[Cell, int] = {}
-    for c in cells:
-        counts[c] = counts.get(c, 0) + 1
+    counts = Counter(cells)
     w = torch.tensor([1.0 / counts[c] for c in cells], dtype=torch.float64)
     hw = h * w[:, None]
     return torch.linalg.solve(h.T @ hw + ridge * torch.eye(h.shape[1], dtype=torch.float64), hw.T @ y)
@@ -100,4 +99,4 @@ def gated_projection(forget: Sequence[Cell], embeddings: torch.Tensor, cells: Se
              "radius": radius,
              "forget_violations": float((m[is_f] > -margin).double().mean()),
              "retain_flips": float(((m <= 0) & keep).double().sum() / keep.sum().clamp(min=1))}
-    return Projection(P, "gated", stats)  # type: ignore[arg-type]
+    return Projection(P, "gated", stats)

@@ -150,4 +150,4 @@ def margin_projection(
                  "forget_violations": float((fm > -margin).double().mean()),
                  "retain_flips": float(((rm <= 0) & keep).double().sum() / keep.sum().clamp(min=1)),
                  "distance": float((P_final - P0).norm())}
-    return Projection(P_final, "margin", stats)  # type: ignore[arg-type]
+    return Projection(P_final, "margin", stats)

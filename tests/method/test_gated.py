@@ -72,7 +72,6 @@ def test_fit_projection_builds_the_gated_kind_and_refuses_it_without_prototypes(
         gated_projection([Cell("b", "w")], emb, cells, CLASSES, rows)
 
 
-
 def test_detector_radius_holds_the_kept_cells_of_the_forgotten_class_when_their_detector_score_rises():
     emb, cells, rows = _world()
     forget = [Cell("c", "x")]
@@ -94,7 +93,6 @@ def test_asking_for_the_gated_kind_brings_its_measured_settings():
     from clipforget.method.projection import GATED, default_config
 
     assert ModelPolicy(projection="gated").projection == "gated"
-
     cfg = default_config("domain", kind="gated")
     assert cfg.kind == "gated" and all(getattr(cfg, k) == v for k, v in GATED.items())
     assert default_config("domain").kind == "margin"
