@@ -35,6 +35,8 @@ PRECISION = typer.Option("auto", "--precision", help="Synthesis precision: auto 
 HELDOUT = typer.Option(None, "--heldout-per-cell", help="Held-out prototypes per cell for data-free evaluation. "
                        "Default: as many per cell as the gate's checks need (20 for a forgotten cell: the fewest whose "
                        "95% upper bound can pass the 0.15 limit; 10 for most kept cells; docs/GATE.md).")
+PROJECTION = typer.Option(None, "--projection", help="soft, hard, margin or gated (default per mode).")
+SOURCE = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode).")
 PROBE = typer.Option(None, "--max-probe-excess", help="Also gate on the residual-knowledge probe: the largest held-out "
                      "accuracy above chance (95% upper bound) a linear probe may reach telling a forgotten cell from "
                      "its nearest kept cells in the released image embedding. Default: reported, not checked.")

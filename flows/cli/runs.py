@@ -16,7 +16,9 @@ from flows.cli.common import (
     POLICY,
     PRECISION,
     PROBE,
+    PROJECTION,
     SEED,
+    SOURCE,
     STEPS,
     TARGET,
     K,
@@ -65,8 +67,8 @@ def unlearn_cmd(
     seed: int = SEED,
     precision: str = PRECISION,
     heldout_per_cell: int | None = HELDOUT,
-    kind: str = typer.Option(None, "--projection", help="soft, hard, margin or gated (default per mode)."),
-    source: str = typer.Option(None, "--source", help="text, prototypes or multimodal (default per mode)."),
+    kind: str = PROJECTION,
+    source: str = SOURCE,
 ) -> None:
     """Run the Prefect pipeline: fetch, unlearn, validate, and register the model in MLflow if it passes."""
     offline_prefect()  # first: Prefect's temporary server starts while the request is checked and torch loads
