@@ -134,6 +134,10 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     if build.settings:
         synthesis = replace(synthesis, **typed_settings(SynthesisConfig, build.settings.get("synthesis", {})))
         nullspace = replace(nullspace, **typed_settings(NullspaceConfig, build.settings.get("nullspace", {})))
+    if nullspace.kind == "gated":  # before any synthesis: a forget set the gated map cannot express
+        from clipforget.method.gated import check_forget
+
+        check_forget(forget, grid.classes)
 
     # 2. text side: domain-aware prompts per cell
     t = time.perf_counter()

@@ -193,6 +193,10 @@ class UnlearnRequest(ModelPolicy):
 
     @model_validator(mode="after")
     def _ids(self) -> UnlearnRequest:
+        if self.projection == "gated" and self.mode == "domain_complete":
+            raise ValueError("projection 'gated' cannot forget every class of a domain (mode domain_complete): it "
+                             "lowers each class's logit by the same amount on every image of the domain, so the class "
+                             "it lowers least keeps its images; use the mode's default projection or 'margin'")
         if not self.request_id:
             self.request_id = f"req-{self.content_digest()[:16]}"
         if not re.match(ID_PATTERN, self.request_id):

@@ -125,7 +125,9 @@ POLICY = typer.Option(None, "--policy", help="Model policy JSON: base checkpoint
 
 
 def validation_message(e: Any) -> str:
-    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'request'}: {err['msg']}" for err in e.errors())
+    """A pydantic ValidationError on one line: each error's field (or `request`) and message."""
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'request'}: {err['msg'].removeprefix('Value error, ')}"
+                     for err in e.errors())
 
 
 def load_model_json(cls: Any, path: Path | None, what: str) -> Any:

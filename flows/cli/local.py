@@ -161,8 +161,12 @@ def forget_cmd(
         if out.suffix != ".safetensors":
             raise UserError(f"--out must end in .safetensors, got {out.name}")
         g = grid_of(grid, model, data)
-        forget_cells(g, mode, cls_list, dom_list)  # a bad request fails before the model loads
+        cells = forget_cells(g, mode, cls_list, dom_list)  # a bad request fails before the model loads
         ns = default_config(mode, "images" if fit_data is not None else "prototypes", kind=kind, source=source)
+        if ns.kind == "gated":
+            from clipforget.method.gated import check_forget
+
+            check_forget(cells, g.classes)
         prompts = templates_of(templates)
         loaded = load(model, checkpoint, pretrained, device)
         result = run_forget(loaded, g, mode=mode, classes=cls_list, domains=dom_list,

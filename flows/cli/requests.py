@@ -48,7 +48,12 @@ def request_submit(
     try:
         local_policy = deployment is None or policy_file is not None  # else the deployment's policy decides
         if local_policy and (policy.grid is not None or policy.arch == "toy"):  # bad input fails before any write
-            request.cells(grid_of(policy.grid, policy.arch, None))
+            grid = grid_of(policy.grid, policy.arch, None)
+            cells = request.cells(grid)
+            if policy.projection == "gated":  # a request the policy's projection cannot express
+                from clipforget.method.gated import check_forget
+
+                check_forget(cells, grid.classes)
     except user_errors() as e:
         fail(e)
     if deployment:

@@ -32,6 +32,7 @@ from flows.cli.common import (
     offline_prefect,
     report_of,
     user_errors,
+    validation_message,
 )
 
 
@@ -97,13 +98,17 @@ def unlearn_cmd(
         request = UnlearnRequest(**fields)
         if grid is not None or model == "toy":  # a bad request fails before any flow runs
             g = grid_of(grid, model, None)
-            forget_cells(g, mode, cls_list, dom_list)
+            cells = forget_cells(g, mode, cls_list, dom_list)
+            if kind == "gated":
+                from clipforget.method.gated import check_forget
+
+                check_forget(cells, g.classes)
             if data is not None and "://" not in data:  # a local folder: checked now (an S3 prefix in the flow)
                 from clipforget.method.data import check_labelled_folder
 
                 check_labelled_folder(data, g)
     except pydantic.ValidationError as e:
-        fail(ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())))
+        fail(ValueError(validation_message(e)))
     except user_errors() as e:
         fail(e)
     from flows.unlearn import unlearn

@@ -122,6 +122,8 @@ def test_forget_refuses_fit_data_that_cannot_fit_or_judge(data, tmp_path):
     (["--mode", "global", "--classes", "dragon"], "unknown class 'dragon'"),
     (["--mode", "domain", "--classes", "star"], "give both classes and domains"),
     (["--mode", "global", "--classes", "star", "--grid", "nowhere"], "unknown grid"),
+    (["--mode", "domain_complete", "--domains", "sketch", "--projection", "gated"],
+     "cannot forget every class of a domain (sketch)"),
 ])
 def test_bad_requests_fail_clearly_and_write_nothing(tmp_path, args, message):
     ckpt, rep = tmp_path / "o.safetensors", tmp_path / "o.json"

@@ -96,3 +96,24 @@ def test_asking_for_the_gated_kind_brings_its_measured_settings():
     cfg = default_config("domain", kind="gated")
     assert cfg.kind == "gated" and all(getattr(cfg, k) == v for k, v in GATED.items())
     assert default_config("domain").kind == "margin"
+
+
+def test_a_whole_domain_is_refused_before_anything_is_fitted():
+    """Every class of a domain forgotten (what `domain_complete` asks): the gated map would lower each class's logit by
+    the same amount on every image of the domain, and the class lowered least would keep its images; refused, with
+    why, in the core, the CLI (tests/cli) and a request."""
+    from pydantic import ValidationError
+
+    from clipforget.governance.request import UnlearnRequest
+
+    emb, cells, rows = _world()
+    whole = [Cell(c, "y") for c in CLASSES]
+    with pytest.raises(ValueError, match=r"cannot forget every class of a domain \(y\)"):
+        gated_projection(whole, emb, cells, CLASSES, rows)
+    proj = gated_projection(whole[:2], emb, cells, CLASSES, rows)  # all but one class of the domain: built
+    labels = torch.tensor([CLASSES.index(c.cls) for c in cells])
+    lost = torch.tensor([c in whole[:2] for c in cells])
+    assert (_margins(emb @ proj.P.T, F.normalize(rows, dim=-1), labels)[lost] < 0).all()
+    with pytest.raises(ValidationError, match="domain_complete"):
+        UnlearnRequest(mode="domain_complete", domains=["sketch"], projection="gated")
+    assert UnlearnRequest(mode="domain", classes=["house"], domains=["sketch"], projection="gated").projection == "gated"
