@@ -87,6 +87,10 @@ def deletion_request(request: DeletionRequest, policy: ModelPolicy | None = None
     if len(known | set(cells)) == len(grid.cells):
         raise ValueError(f"with request {request.request_id!r} the ledger would forget every cell of grid "
                          f"{grid.name}; nothing would be retained")
+    if policy.projection == "gated":  # nor a forget set the policy's projection cannot express
+        from clipforget.method.gated import check_forget
+
+        check_forget(list(known | set(cells)), grid.classes)
 
     appended = append_request(location, request.request_id, request.ledger_record())
     entries = [entry_of(d) for d in read_ledger(location)]

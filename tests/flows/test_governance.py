@@ -14,6 +14,7 @@ from clipforget.governance.ledger import Ledger
 from clipforget.governance.request import DeletionRequest, ModelPolicy
 from clipforget.io import registry
 from clipforget.io.checkpoints import sha256_file
+from clipforget.method.grid import resolve_grid
 from tasks.common import work_root
 
 NAME = "toy-governed"
@@ -119,6 +120,13 @@ def test_bad_request_changes_nothing(two, setup, tmp_path):
     later = DeletionRequest(request_id="dsr-tree", mode="global", classes=["tree"])
     with pytest.raises(ValueError, match="no images for 38 of 40 cells"):
         deletion_request(later, fits_nothing, setup["ledger"], True, str(tmp_path / "fit.json"))
+    # under a policy with the gated projection, a request that completes sketch (the ledger forgets house there
+    # already): the gated map cannot forget every class of a domain, so the request must not enter the ledger
+    gated = setup["policy"].model_copy(update={"projection": "gated"})
+    others = [c for c in resolve_grid("toy").classes if c != "house"]
+    rest = DeletionRequest(request_id="dsr-rest-sketch", mode="domain", classes=others, domains=["sketch"])
+    with pytest.raises(ValueError, match=r"cannot forget every class of a domain \(sketch\)"):
+        deletion_request(rest, gated, setup["ledger"], True, str(tmp_path / "gated.json"))
     assert [e.request_id for e in Ledger(setup["ledger"]).entries()] == ["dsr-house-sketch", "dsr-house-cartoon"]
 
 
