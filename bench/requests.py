@@ -236,7 +236,15 @@ def main() -> None:
         name, *fields = (kind or "").split(":")
         cfg = default_config(cumulative_mode([g.mode for g in groups]), fit_on, kind=name or None)
         cfg = replace(cfg, **{k: typed(getattr(cfg, k), v) for k, v in (f.split("=", 1) for f in fields)})
-        proj = fit_projection(forget, retain_cells(grid, forget), text, protos, cfg, rows_cls)
+        try:
+            proj = fit_projection(forget, retain_cells(grid, forget), text, protos, cfg, rows_cls)
+        except ValueError as e:  # a forget set the kind cannot express (the gated map and a whole domain): the
+            # pipeline refuses it before any work, so nothing is approved and nothing meets a target
+            nan = float("nan")
+            return {"gate": "refused", "truth": False, "refused": str(e), "gate_checks": [], "truth_checks": [],
+                    "forget_after": {}, "heldout_forget_after": {}, "retain_drops": {}, "heldout_retain_drops": {},
+                    "retain_after": nan, "retain_before": nan, "probe": [], "probe_excess_before": nan,
+                    "probe_excess_after": nan}
         rows, held_cells = evidence(groups)
         held_base = classifier.evaluate(held_feats[rows], held_cells)
         held_after_feats = proj(held_feats[rows])
@@ -282,7 +290,7 @@ def main() -> None:
             results[label].append(r)
             print(f"[{label}] {mode:15s} {','.join(classes) or '-':22s} {','.join(domains) or '-':22s} "
                   f"gate {r['gate']:20s} images {'meet' if r['truth'] else 'MISS'}  "
-                  f"worst forget {max(r['forget_after'].values()):.2f}", flush=True)
+                  f"worst forget {max(r['forget_after'].values(), default=float('nan')):.2f}", flush=True)
 
     lineage: dict[str, list[dict]] = {}
     if not args.no_lineage:
@@ -295,7 +303,7 @@ def main() -> None:
                 r = judge(groups, kind)
                 earlier = [c for g in groups[:-1] for c in g.cells]
                 limit = {c: FORGET_CELL_LIMIT[g.mode] for g in groups for c in g.cells}
-                r["persistence"] = all(r["forget_after"][str(c)] <= limit[c] for c in earlier) if earlier else True
+                r["persistence"] = all(r["forget_after"].get(str(c), 1.0) <= limit[c] for c in earlier) if earlier else True
                 r["length"] = i + 1
                 lineage[label].append(r)
                 print(f"[{label}] lineage {i + 1}: gate {r['gate']}, images {'meet' if r['truth'] else 'MISS'}, "
@@ -353,7 +361,7 @@ def agreement_table(rows: list[dict]) -> dict:
 
     out = {}
     for mode in ("global", "domain", "domain_complete"):
-        rs = [r for r in rows if r["mode"] == mode]
+        rs = [r for r in rows if r["mode"] == mode and r["gate"] != "refused"]
         if not rs:
             continue
         f_h = np.array([r["heldout_forget_after"][c] for r in rs for c in r["forget_after"]])
