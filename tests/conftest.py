@@ -43,6 +43,24 @@ def pytest_collection_modifyitems(config, items):
     items[:] = sorted(items, key=key)  # stable: a file's tests keep their order
 
 
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """`module_tmp(name)`: a new folder that lives as long as the test module, for a module's workspace (caches,
+    checkpoints, registrations: tens to hundreds of MB each). Removed when the module's tests are done, so that
+    a worker's disk holds one module's workspace at a time, not every module's until the run ends."""
+    import shutil
+
+    made = []
+
+    def make(name: str):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 TEST_SEED = 3  # training used seed 0, setting choices seed 1, docs/RESULTS.md seed 2
 PER_CELL = 50
 

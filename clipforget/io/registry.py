@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -291,7 +292,8 @@ def finish(name: str, mv: Any, uri: str | None = None) -> bool:
 
     c = client(uri)
     try:
-        data = json.loads(Path(c.download_artifacts(mv.run_id, "report.json")).read_text())
+        with tempfile.TemporaryDirectory(prefix="clipforget-report-") as tmp:
+            data = json.loads(Path(c.download_artifacts(mv.run_id, "report.json", tmp)).read_text())
     except (MlflowException, OSError, ValueError):  # no report logged with it: a card of what the tags say
         data = {}
     c.set_registered_model_alias(name, CANDIDATE, str(mv.version))
@@ -424,12 +426,17 @@ def show(ref: str, uri: str | None = None) -> dict:
 
 @_restores_mlflow_uris
 def load_pyfunc(model_uri: str, uri: str | None = None) -> Any:
-    """A registered model as MLflow pyfunc (`models:/NAME@alias`, `models:/NAME/version`, runs:/...)."""
+    """A registered model as MLflow pyfunc (`models:/NAME@alias`, `models:/NAME/version`, runs:/...).
+
+    The model's files are downloaded into a temporary folder that is removed once the model is loaded (its
+    `load_context` reads every artifact into memory): `mlflow.pyfunc.load_model` alone leaves a copy of the
+    weights in the system's temporary folder at every call."""
     import mlflow
 
     mlflow.set_tracking_uri(uri or tracking_uri())
     mlflow.set_registry_uri(uri or tracking_uri())
-    return mlflow.pyfunc.load_model(model_uri)
+    with tempfile.TemporaryDirectory(prefix="clipforget-pyfunc-") as tmp:
+        return mlflow.pyfunc.load_model(model_uri, dst_path=tmp)
 
 
 def classify_folder(pyfunc: Any, root: str | Path, batch_size: int = 256) -> tuple[list[str], list[Any]]:

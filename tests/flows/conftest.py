@@ -27,8 +27,8 @@ def banked_retain_cells(pipeline_env, toy, prototype_bank):
     return PrototypeBank(pipeline_env / "cache" / "prototypes").put(toy.sha256, retained)
 
 
-@pytest.fixture(scope="session")
-def own_cache(pipeline_env, banked_retain_cells, tmp_path_factory):
+@pytest.fixture(scope="module")
+def own_cache(pipeline_env, banked_retain_cells, module_tmp):
     """A factory of fresh CLIPFORGET_CACHE folders, each holding the 36 non-`star` cells of the bank.
 
     Test modules that synthesize `star` (the whole grid is every build's retain set) work in a cache of their
@@ -37,7 +37,7 @@ def own_cache(pipeline_env, banked_retain_cells, tmp_path_factory):
     import shutil
 
     def make(name: str) -> Path:
-        src, dst = pipeline_env / "cache", tmp_path_factory.mktemp(name)
+        src, dst = pipeline_env / "cache", module_tmp(name)
         for path in banked_retain_cells:
             target = dst / path.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def test_registered_model_is_pickle_free(first, pipeline):
     assert "python_model" not in (Path(local) / "MLmodel").read_text().replace("model_code_path", "")
 
 
-def test_candidate_forgets_star_on_fresh_renders_and_keeps_the_rest(first, pipeline):
+def test_candidate_forgets_star_on_fresh_renders_and_keeps_the_rest(first, pipeline, tmp_path):
     import mlflow
     import pandas as pd
 
@@ -95,7 +95,7 @@ def test_candidate_forgets_star_on_fresh_renders_and_keeps_the_rest(first, pipel
 
     grid = resolve_grid("toy")
     images, cells = render_cells(grid.cells, 10, seed=5)  # fresh: no test or evaluation render used seed 5
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}@candidate")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@candidate", dst_path=str(tmp_path))
     out = model.predict(pd.DataFrame({"image": [registry.encode_png(im) for im in images]}))
     assert list(out.columns[:2]) == ["label", "score"] and set(grid.classes) <= set(out.columns)
     np.testing.assert_allclose(out[list(grid.classes)].sum(axis=1), 1.0, atol=1e-5)
@@ -180,14 +180,19 @@ def test_cli_models_list_and_show(first, pipeline, tmp_path):
     assert _cli("models", "show", f"{NAME}@nobody").exit_code == 2
 
 
-def test_cli_eval_of_the_champion(first, pipeline, tmp_path):
+def test_cli_eval_of_the_champion(first, pipeline, tmp_path, monkeypatch):
     import json
+    import tempfile
 
     data = tmp_path / "render"
     assert _cli("toy", "render", "--out", data, "--per-cell", 3, "--seed", 6).exit_code == 0
     out = tmp_path / "eval.json"
+    system_tmp = tmp_path / "system-tmp"  # the temporary directory of the command
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
     r = _cli("eval", "--model-uri", f"models:/{NAME}@champion", "--data", data, "--json", out)
     assert r.exit_code == 0, r.output
+    assert list(system_tmp.iterdir()) == []  # no copy of the model's weights left behind (MLflow's default)
     rep = json.loads(out.read_text())
     assert rep["model_uri"] == f"models:/{NAME}@champion" and len(rep["cells"]) == 40
     star = [c["accuracy"] for c in rep["cells"] if c["class"] == "star"]

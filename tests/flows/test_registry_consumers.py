@@ -41,7 +41,7 @@ class Records(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def registered(s3, mlflow_server, prefect_harness, tmp_path_factory):
+def registered(s3, mlflow_server, prefect_harness, module_tmp):
     """`forget star` through the unlearn flow, promoted, in a cache of its own with small synthesis settings (2
     prototypes per cell, 80 steps: seconds, not minutes), judged on the 2,000 rendered images.
     Warnings and warning log records of the run are kept."""
@@ -49,14 +49,14 @@ def registered(s3, mlflow_server, prefect_harness, tmp_path_factory):
     from clipforget.governance.request import SynthesisSettings
     from flows.unlearn import unlearn
 
-    cache = tmp_path_factory.mktemp("consumers-cache")
+    cache = module_tmp("consumers-cache")
     request = UnlearnRequest(request_id=REQUEST_ID, requested_by="tests", mode="global", classes=["star"],
                              checkpoint_uri=s3["checkpoint"], data_uri=s3["eval"], registered_name=NAME, promote=True,
                              synthesis=SynthesisSettings(prototypes_per_cell=2, steps=80),
                              # limits of their own: what is tested here is what consumers get from an approved
                              # version, not the gate (tests/flows/test_pipeline_flow.py judges by the mode criteria)
                              thresholds=Thresholds(mode_criteria=False, max_forget_acc=0.35, max_retain_drop=0.3))
-    report_path = tmp_path_factory.mktemp("consumers") / "report.json"
+    report_path = module_tmp("consumers") / "report.json"
     handler = Records()
     root = logging.getLogger()
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
@@ -188,7 +188,8 @@ def test_mlflow_models_serve_answers_a_rest_request(registered, servers, tmp_pat
     classes = sorted({cls for cls, _ in cells})
     assert list(served.columns[:2]) == ["label", "score"] and set(classes) <= set(served.columns)
     np.testing.assert_allclose(served[classes].sum(axis=1), 1.0, atol=1e-5)
-    local_model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    (tmp_path / "local").mkdir()
+    local_model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion", dst_path=str(tmp_path / "local"))
     expected = local_model.predict(pd.DataFrame({"image": pngs}))
     assert list(served["label"]) == list(expected["label"])
     np.testing.assert_allclose(served["score"], expected["score"], atol=1e-5)
@@ -206,10 +207,13 @@ def test_batch_scoring_of_a_folder(registered, tmp_path):
                                     "--seed", "8"]).exit_code == 0
     os.environ["MLFLOW_TRACKING_URI"] = registry.tracking_uri()
     # --- docs/CONSUMERS.md: batch scoring ---
+    import tempfile
+
     import mlflow
     import pandas as pd
 
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    with tempfile.TemporaryDirectory() as tmp:  # MLflow copies the model's files here; gone once it is loaded
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion", dst_path=tmp)
     paths = sorted(p for p in Path(tmp_path / "photos").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     scores = pd.concat([model.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths[i : i + 256]]}))
                         for i in range(0, len(paths), 256)], ignore_index=True)
@@ -283,7 +287,8 @@ def test_export_loads_with_plain_open_clip(registered, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert loaded["modules"] == []
-    expected = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(
+    (tmp_path / "local").mkdir()
+    expected = mlflow.pyfunc.load_model(f"models:/{NAME}@champion", dst_path=str(tmp_path / "local")).predict(
         pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
     assert loaded["labels"] == list(expected["label"])
     np.testing.assert_allclose(loaded["scores"], expected["score"], atol=1e-5)

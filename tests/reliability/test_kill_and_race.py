@@ -50,10 +50,10 @@ def _unlearn(name: str, request_id: str, report: Path, *extra: str) -> list[str]
 
 
 @pytest.fixture(scope="module")
-def warm(servers, tmp_path_factory) -> Path:
+def warm(servers, module_tmp) -> Path:
     """A prototype bank holding every cell of the toy grid at the tiny budgets (the build's prototypes and the
     held-out ones), made by one in-process `unlearn`: the cases below that are about registration copy it."""
-    ws = tmp_path_factory.mktemp("warm")
+    ws = module_tmp("warm")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ws)
         mp.setenv("CLIPFORGET_CACHE", str(ws / "cache"))

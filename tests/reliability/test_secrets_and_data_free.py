@@ -44,8 +44,8 @@ class Records(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def secret_run(servers, tmp_path_factory):
-    ws = tmp_path_factory.mktemp("secrets")
+def secret_run(servers, module_tmp):
+    ws = module_tmp("secrets")
     ledger = f"s3://{servers['bucket']}/ledger/{NAME}/"
     request = ws / "request.json"
     request.write_text(json.dumps({"request_id": "dsr-secret", "requested_by": MARKUP, "reason": "erasure request",
@@ -180,10 +180,10 @@ def test_only_whitelisted_bounded_tags_and_markup_kept_verbatim(secret_run, chec
 
 
 @pytest.fixture(scope="module")
-def demo_run(servers, tmp_path_factory):
+def demo_run(servers, module_tmp):
     """`clipforget unlearn` as `make demo` runs it (bundled toy weights, no data), with tiny budgets and the mode's
     own criteria: on 2 held-out prototypes a cell moves in steps of 0.5, so the gate may go either way."""
-    ws = tmp_path_factory.mktemp("demo")
+    ws = module_tmp("demo")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ws)
         mp.setenv("CLIPFORGET_CACHE", str(ws / "cache"))
