@@ -71,10 +71,10 @@ def test_first_request_is_approved_and_registered(first, pipeline):
     assert Artifact.get("forget-star-1-probe") is not None and "residual probe" in summary.data
 
 
-def test_registered_model_is_pickle_free(first, pipeline):
+def test_registered_model_is_pickle_free(first, pipeline, tmp_path):
     import mlflow
 
-    local = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1")
+    local = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path))
     from pathlib import Path
 
     files = {p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file()}

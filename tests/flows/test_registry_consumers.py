@@ -160,7 +160,8 @@ def test_mlflow_models_serve_answers_a_rest_request(registered, servers, tmp_pat
     port = testservers.free_port()
     log = tmp_path / "serve.log"
     # as in an activated virtualenv: MLflow starts the scoring server with the environment's `uvicorn`
-    env = {**os.environ, "MLFLOW_TRACKING_URI": servers["mlflow"],
+    # (the server downloads the model into its temporary directory and leaves it there: this test's folder)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": servers["mlflow"], "TMPDIR": str(tmp_path),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",

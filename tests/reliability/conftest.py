@@ -14,12 +14,16 @@ from collections.abc import Iterator
 
 import pytest
 
-try:  # hypothesis keeps caches in ./.hypothesis unless told otherwise: not in the repository
+try:  # hypothesis keeps caches in ./.hypothesis unless told otherwise: not in the repository, nor left behind
+    import atexit
+    import shutil
     import tempfile
 
     from hypothesis.configuration import set_hypothesis_home_dir
 
-    set_hypothesis_home_dir(tempfile.mkdtemp(prefix="hypothesis-"))
+    _HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="hypothesis-")
+    set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+    atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
 except ImportError:  # pragma: no cover - hypothesis is in the dev extra
     pass
 
