@@ -39,8 +39,15 @@ def star_request(pipeline, request_id: str, **kw) -> UnlearnRequest:
 
 @pytest.fixture(scope="module")
 def first(pipeline, tmp_path_factory):
-    """The first request: forget `star` everywhere from the S3 checkpoint, promote when approved."""
-    return run(star_request(pipeline, "forget-star-1", promote=True), tmp_path_factory.mktemp("reports"))
+    """The first request: forget `star` everywhere from the S3 checkpoint, promote when approved; with a
+    temporary directory of its own, to see what the run leaves there (`temp_left`)."""
+    import tempfile
+
+    system_tmp = tmp_path_factory.mktemp("system-tmp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", str(system_tmp))
+        out = run(star_request(pipeline, "forget-star-1", promote=True), tmp_path_factory.mktemp("reports"))
+    return {**out, "temp_left": sorted(p.name for p in system_tmp.iterdir())}
 
 
 def test_first_request_is_approved_and_registered(first, pipeline):
@@ -58,6 +65,7 @@ def test_first_request_is_approved_and_registered(first, pipeline):
     assert info["forget_cells"] == ["star/photo", "star/painting", "star/cartoon", "star/sketch"]
     assert info["base_sha256"] == pipeline["s3"]["sha256"]
     assert info["sha256"] == rep["output"]["sha256"]
+    assert first["temp_left"] == []  # fetching, synthesis, validation and registration leave no temporary files
     assert info["metrics"]["forget_after"] == pytest.approx(rep["metrics"]["forget_after"], abs=1e-5)
     assert any("synthesis (" in line and "done" in line and "mean cosine" in line and "ETA" in line
                for line in first["logs"])
