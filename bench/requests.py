@@ -42,8 +42,7 @@ from clipforget.io.bank import PrototypeBank, load_prototypes, synthesize_with_b
 from clipforget.io.checkpoints import load_model
 from clipforget.io.storage import cache_root
 from clipforget.method.evaluate import LabelledImages, ZeroShotClassifier, image_features
-from clipforget.method.gated import check_forget
-from clipforget.method.grid import forget_cells, resolve_grid, retain_cells
+from clipforget.method.grid import check_projection_kind, forget_cells, resolve_grid, retain_cells
 from clipforget.method.projection import cell_text_embeddings, default_config, fit_projection, text_targets
 from clipforget.method.prompts import TemplateSet
 from clipforget.method.synthesis import SynthesisConfig, hardware_summary
@@ -237,15 +236,14 @@ def main() -> None:
         name, *fields = (kind or "").split(":")
         cfg = default_config(cumulative_mode([g.mode for g in groups]), fit_on, kind=name or None)
         cfg = replace(cfg, **{k: typed(getattr(cfg, k), v) for k, v in (f.split("=", 1) for f in fields)})
-        if cfg.kind == "gated":  # a forget set the gated map cannot express (a whole domain): the pipeline refuses
-            try:  # it before any work, so nothing is approved and nothing meets a target
-                check_forget(forget, grid.classes)
-            except ValueError as e:
-                nan = float("nan")
-                return {"gate": "refused", "truth": False, "refused": str(e), "gate_checks": [], "truth_checks": [],
-                        "forget_after": {}, "heldout_forget_after": {}, "retain_drops": {}, "heldout_retain_drops": {},
-                        "retain_after": nan, "retain_before": nan, "probe": [], "probe_excess_before": nan,
-                        "probe_excess_after": nan}
+        try:  # a forget set the kind cannot express: the pipeline refuses it before any work, so nothing is approved
+            check_projection_kind(cfg.kind, forget, grid.classes)  # and nothing meets a target
+        except ValueError as e:
+            nan = float("nan")
+            return {"gate": "refused", "truth": False, "refused": str(e), "gate_checks": [], "truth_checks": [],
+                    "forget_after": {}, "heldout_forget_after": {}, "retain_drops": {}, "heldout_retain_drops": {},
+                    "retain_after": nan, "retain_before": nan, "probe": [], "probe_excess_before": nan,
+                    "probe_excess_after": nan}
         proj = fit_projection(forget, retain_cells(grid, forget), text, protos, cfg, rows_cls)
         rows, held_cells = evidence(groups)
         held_base = classifier.evaluate(held_feats[rows], held_cells)

@@ -21,6 +21,7 @@ from clipforget.io import registry
 from clipforget.io.atomic import write_json
 from clipforget.io.checkpoints import check_arch
 from clipforget.method.data import list_labelled_images, require_every_cell
+from clipforget.method.grid import check_projection_kind
 from flows.pipeline import Build, Inputs, fetch_inputs, groups_of, run_pipeline
 from flows.runners import task_runner
 from tasks.record import append_request, entry_of, ledger_location, read_ledger
@@ -87,10 +88,7 @@ def deletion_request(request: DeletionRequest, policy: ModelPolicy | None = None
     if len(known | set(cells)) == len(grid.cells):
         raise ValueError(f"with request {request.request_id!r} the ledger would forget every cell of grid "
                          f"{grid.name}; nothing would be retained")
-    if policy.projection == "gated":  # nor a forget set the policy's projection cannot express
-        from clipforget.method.gated import check_forget
-
-        check_forget(list(known | set(cells)), grid.classes)
+    check_projection_kind(policy.projection, known | set(cells), grid.classes)  # nor one its projection can't express
 
     appended = append_request(location, request.request_id, request.ledger_record())
     entries = [entry_of(d) for d in read_ledger(location)]

@@ -19,7 +19,7 @@ from clipforget.gate.verdict import ForgetGroup, cumulative_mode, evidence_per_c
 from clipforget.governance.request import ModelPolicy
 from clipforget.io.atomic import write_json
 from clipforget.io.registry import Registration
-from clipforget.method.grid import Grid, forget_cells, resolve_grid, retain_cells
+from clipforget.method.grid import Grid, check_projection_kind, forget_cells, resolve_grid, retain_cells
 from clipforget.method.projection import NullspaceConfig, default_config
 from clipforget.method.synthesis import SynthesisConfig
 from clipforget.runner import heldout_blocks, heldout_label
@@ -134,10 +134,7 @@ def run_pipeline(build: Build, promote: bool = False, report_path: str | None = 
     if build.settings:
         synthesis = replace(synthesis, **typed_settings(SynthesisConfig, build.settings.get("synthesis", {})))
         nullspace = replace(nullspace, **typed_settings(NullspaceConfig, build.settings.get("nullspace", {})))
-    if nullspace.kind == "gated":  # before any synthesis: a forget set the gated map cannot express
-        from clipforget.method.gated import check_forget
-
-        check_forget(forget, grid.classes)
+    check_projection_kind(nullspace.kind, forget, grid.classes)  # before any synthesis
 
     # 2. text side: domain-aware prompts per cell
     t = time.perf_counter()

@@ -28,23 +28,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from clipforget.method.grid import Cell
+from clipforget.method.grid import Cell, check_projection_kind
 from clipforget.method.margin import _margins
 from clipforget.method.nullspace import Projection
-
-
-def check_forget(forget: Sequence[Cell], classes: Sequence[str]) -> None:
-    """Raise ValueError when `forget` holds every class of a domain: the gated map subtracts from an image of a domain
-    the same multiple of each forgotten class's unique row whatever the image's class, which lowers each class's logit
-    by the same amount on every image of that domain; the class lowered least then keeps its images (measured with
-    `domain_complete` on sketch: the held-out prototypes of 9 classes at 0.00, one class at 1.00). A map that can move
-    each class toward another (the margin map) is not bound by this."""
-    fset = set(forget)
-    whole = sorted(d for d in {c.domain for c in forget} if all(Cell(k, d) in fset for k in classes))
-    if whole:
-        raise ValueError(f"the gated projection cannot forget every class of a domain ({', '.join(whole)}): it lowers "
-                         "each class's logit by the same amount on every image of the domain, so the class it lowers "
-                         "least keeps its images; use the mode's default projection or the margin map")
 
 
 def domain_detector(embeddings: torch.Tensor, cells: Sequence[Cell], domain: str, ridge: float) -> torch.Tensor:
@@ -72,7 +58,7 @@ def gated_projection(forget: Sequence[Cell], embeddings: torch.Tensor, cells: Se
     grid, so that the domain detectors see every class) against the zero-shot rows `classifier` of `classes`."""
     if not forget:
         raise ValueError("the forget set is empty")
-    check_forget(forget, classes)
+    check_projection_kind("gated", forget, classes)
     missing = sorted({str(c) for c in forget} - {str(c) for c in cells})
     if missing:
         raise ValueError(f"no prototypes for the forget cells {', '.join(missing)}")

@@ -120,6 +120,23 @@ def forget_cells(grid: Grid, mode: str, classes: Iterable[str] = (), domains: It
     return cells
 
 
+def check_projection_kind(kind: str | None, forget: Iterable[Cell], classes: Sequence[str]) -> None:
+    """Raise ValueError when projection `kind` cannot express the forget set. Only the gated map is bound: it
+    subtracts from an image of a domain the same multiple of each forgotten class's unique row whatever the image's
+    class, which lowers each class's logit by the same amount on every image of that domain, so a forget set holding
+    every class of a domain leaves the class lowered least with its images (measured with `domain_complete` on sketch:
+    the held-out prototypes of 9 classes at 0.00, one class at 1.00). A map that can move each class toward another
+    (the margin map) is not bound by this. Torch-free, so callers check before any model loads."""
+    if kind != "gated":
+        return
+    fset = set(forget)
+    whole = sorted(d for d in {c.domain for c in fset} if all(Cell(k, d) in fset for k in classes))
+    if whole:
+        raise ValueError(f"the gated projection cannot forget every class of a domain ({', '.join(whole)}): it lowers "
+                         "each class's logit by the same amount on every image of the domain, so the class it lowers "
+                         "least keeps its images; use the mode's default projection or the margin map")
+
+
 def retain_cells(grid: Grid, forget: Iterable[Cell]) -> list[Cell]:
     gone = set(forget)
     return [c for c in grid.cells if c not in gone]

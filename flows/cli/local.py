@@ -152,7 +152,7 @@ def forget_cmd(
     """Run the core method without orchestration: write the unlearned checkpoint and a report."""
     from clipforget.gate.verdict import Thresholds
     from clipforget.io.atomic import write_json
-    from clipforget.method.grid import forget_cells, parse_names
+    from clipforget.method.grid import check_projection_kind, forget_cells, parse_names
     from clipforget.method.projection import default_config
     from clipforget.runner import run_forget
 
@@ -163,10 +163,7 @@ def forget_cmd(
         g = grid_of(grid, model, data)
         cells = forget_cells(g, mode, cls_list, dom_list)  # a bad request fails before the model loads
         ns = default_config(mode, "images" if fit_data is not None else "prototypes", kind=kind, source=source)
-        if ns.kind == "gated":
-            from clipforget.method.gated import check_forget
-
-            check_forget(cells, g.classes)
+        check_projection_kind(ns.kind, cells, g.classes)
         prompts = templates_of(templates)
         loaded = load(model, checkpoint, pretrained, device)
         result = run_forget(loaded, g, mode=mode, classes=cls_list, domains=dom_list,

@@ -40,6 +40,7 @@ def request_submit(
     """Validate a deletion request, append it to the ledger and build + register the cumulative model."""
     offline_prefect(start_server=not no_build)  # first: a temporary server starts while the request is checked
     from clipforget.governance.request import DeletionRequest, ModelPolicy
+    from clipforget.method.grid import check_projection_kind
     from tasks.record import ledger_location
 
     request = load_model_json(DeletionRequest, file, "request")
@@ -50,10 +51,7 @@ def request_submit(
         if local_policy and (policy.grid is not None or policy.arch == "toy"):  # bad input fails before any write
             grid = grid_of(policy.grid, policy.arch, None)
             cells = request.cells(grid)
-            if policy.projection == "gated":  # a request the policy's projection cannot express
-                from clipforget.method.gated import check_forget
-
-                check_forget(cells, grid.classes)
+            check_projection_kind(policy.projection, cells, grid.classes)  # one the policy's projection can express
     except user_errors() as e:
         fail(e)
     if deployment:

@@ -77,7 +77,7 @@ def unlearn_cmd(
 
     from clipforget.gate.verdict import Thresholds
     from clipforget.governance.request import SynthesisSettings, UnlearnRequest
-    from clipforget.method.grid import forget_cells, parse_names
+    from clipforget.method.grid import check_projection_kind, forget_cells, parse_names
 
     cls_list, dom_list = parse_names(classes), parse_names(domains)
     try:
@@ -99,10 +99,7 @@ def unlearn_cmd(
         if grid is not None or model == "toy":  # a bad request fails before any flow runs
             g = grid_of(grid, model, None)
             cells = forget_cells(g, mode, cls_list, dom_list)
-            if kind == "gated":
-                from clipforget.method.gated import check_forget
-
-                check_forget(cells, g.classes)
+            check_projection_kind(kind, cells, g.classes)
             if data is not None and "://" not in data:  # a local folder: checked now (an S3 prefix in the flow)
                 from clipforget.method.data import check_labelled_folder
 
